@@ -1,0 +1,38 @@
+"""cmiguard: learned logit transforms that keep a served LLM's answers and strip
+the input-specific dark knowledge a distilling student learns from."""
+
+from cmiguard.checkpoint import load_transform, save_transform, vocab_fingerprint
+from cmiguard.models import fold_into_lm_head, load_teacher
+from cmiguard.objectives import (
+    SurrogateProbe,
+    anti_distillation_loss,
+    gradient_misalignment_loss,
+)
+from cmiguard.purify import StreamingCentroids, cmi, purify
+from cmiguard.transforms import (
+    DenseTransform,
+    DiagLowRankTransform,
+    LogitTransform,
+    LowRankTransform,
+    make_transform,
+)
+
+__all__ = [
+    "DenseTransform",
+    "DiagLowRankTransform",
+    "LogitTransform",
+    "LowRankTransform",
+    "StreamingCentroids",
+    "SurrogateProbe",
+    "anti_distillation_loss",
+    "cmi",
+    "fold_into_lm_head",
+    "gradient_misalignment_loss",
+    "load_teacher",
+    "load_transform",
+    "make_transform",
+    "purify",
+    "save_transform",
+    "vocab_fingerprint",
+]
+__version__ = "0.1.0"

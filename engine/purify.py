@@ -1,0 +1,104 @@
+"""Applying a transform to logits a serving stack already has, and measuring CMI."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cmiguard.kernels.reference import (
+    affine_logits,
+    centroid_sums,
+    cmi_reference,
+    label_groups,
+    purify_reference,
+)
+from cmiguard.transforms import LogitTransform
+from cmiguard.validation import check_labels, check_logits
+
+OUTPUTS = ("logits", "logprobs")
+
+
+def purify(
+    logits: Tensor,
+    transform: LogitTransform,
+    temperature: float | None = None,
+    output: str = "logits",
+    top_k: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Purified logits ``T(z)/τ`` (or log-probs), same shape and dtype as ``logits``.
+
+    ``temperature=None`` uses the transform's own (1.0 unless trained with one).
+    With ``top_k`` returns ``(values, token_ids)`` of the k largest entries
+    only, as a logprobs API does, without materialising the full output.
+    """
+    check_logits(logits, transform.vocab_size)
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    tau = transform.temperature if temperature is None else float(temperature)
+    if not tau > 0:
+        raise ValueError(f"temperature must be > 0, got {tau}")
+    if top_k is not None and not 1 <= top_k <= transform.vocab_size:
+        raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
+    flat = logits.reshape(-1, transform.vocab_size)
+    params = {
+        k: (p.detach() if p is not None else None) for k, p in transform.kernel_params().items()
+    }
+
+    result = purify_reference(flat, lambda z: affine_logits(z, **params), tau, output, top_k)
+    if top_k is not None:
+        values, ids = result
+        shape = (*logits.shape[:-1], top_k)
+        return values.reshape(shape), ids.reshape(shape)
+    return result.reshape(logits.shape)
+
+
+def cmi(
+    logits: Tensor,
+    labels: Tensor,
+    estimator: str = "exact",
+    temperature: float = 1.0,
+    min_count: int = 2,
+    state: StreamingCentroids | None = None,
+) -> Tensor:
+    """Conditional mutual information ``I(X; P | Y)`` in nats (a scalar).
+
+    ``exact`` uses the class centroids of these rows; ``streaming`` uses the
+    moving-average centroids in ``state`` (updated in place; labels it has not
+    seen yet fall back to this batch's centroid). Rows labelled ``-100`` and
+    rows whose label occurs fewer than ``min_count`` times are left out: a
+    label seen once has zero CMI by construction.
+    """
+    check_logits(logits)
+    flat = logits.reshape(-1, logits.shape[-1])
+    check_labels(labels, flat.shape[0], flat.shape[-1])
+    if estimator == "exact":
+        return cmi_reference(flat, labels, temperature, min_count)
+    if estimator == "streaming":
+        state = state if state is not None else StreamingCentroids(flat.shape[-1])
+        log_q = state.log_centroids(flat, labels, temperature, min_count)
+        return cmi_reference(flat, labels, temperature, min_count, log_centroids=log_q)
+    raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
+
+
+class StreamingCentroids:
+    """Per-label centroids kept across batches as an exponential moving average."""
+
+    def __init__(self, vocab_size: int, momentum: float = 0.9) -> None:
+        self.vocab_size = vocab_size
+        self.momentum = momentum
+        self.centroids: dict[int, Tensor] = {}
+
+    def log_centroids(
+        self, logits: Tensor, labels: Tensor, temperature: float = 1.0, min_count: int = 2
+    ) -> Tensor:
+        """``log Q`` per label group of this batch, then fold the batch into the average."""
+        rows, group, group_labels, counts = label_groups(labels, min_count)
+        sums = centroid_sums(logits.detach(), rows, group, counts.numel(), temperature)
+        means = sums / counts.unsqueeze(1).float()
+        used = torch.empty_like(means)
+        for g, label in enumerate(group_labels.tolist()):
+            old = self.centroids.get(label)
+            used[g] = means[g] if old is None else old
+            new = means[g] if old is None else self.momentum * old + (1 - self.momentum) * means[g]
+            self.centroids[label] = new
+        return used.clamp_min(torch.finfo(torch.float32).tiny).log()

@@ -1,0 +1,51 @@
+"""Input checks that fail early with a message naming the problem."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_logits(logits: Tensor, vocab_size: int | None = None, name: str = "logits") -> None:
+    """Logits must be a float tensor ``[..., V]`` with no NaN, no ``+inf`` and
+    at least one finite entry per row (``-inf`` marks a masked token)."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape [..., vocab], got {tuple(logits.shape)}")
+    if vocab_size is not None and logits.shape[-1] != vocab_size:
+        raise ValueError(
+            f"{name} have {logits.shape[-1]} entries in the last dimension but the transform "
+            f"was built for vocab_size={vocab_size}"
+        )
+    if logits.numel() == 0:
+        raise ValueError(f"{name} are empty (shape {tuple(logits.shape)})")
+    if torch.isnan(logits).any():
+        raise ValueError(f"{name} contain NaN")
+    if torch.isposinf(logits).any():
+        raise ValueError(f"{name} contain +inf")
+    if torch.isneginf(logits).all(dim=-1).any():
+        raise ValueError(f"{name} have a row that is entirely -inf (every token masked)")
+
+
+def check_labels(labels: Tensor, n_rows: int, vocab_size: int, ignore_index: int = -100) -> None:
+    """Labels must be int64 ``[N]`` in ``[0, V)`` or ``ignore_index``."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n_rows:
+        raise ValueError(
+            f"labels must have shape [{n_rows}] (one per logits row), got {tuple(labels.shape)}"
+        )
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"label {value} is out of range for vocab_size={vocab_size} "
+            f"(use {ignore_index} to ignore a row)"
+        )

@@ -1,0 +1,1 @@
+"""Kernels behind cmiguard's hot paths and their pure-torch twins (``reference``)."""
