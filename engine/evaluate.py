@@ -47,20 +47,27 @@ def teacher_rows(
     return RowSet(*(torch.cat(items) for items in zip(*parts, strict=True)))
 
 
-def scores(rows: RowSet, logits: Tensor) -> dict[str, float]:
+def mc_choice(rows: RowSet, logits: Tensor) -> Tensor:
+    """The option token each multiple-choice row picks (argmax over its 4 options)."""
+    options = rows.options[rows.is_mc]
+    letter_logits = logits[rows.is_mc].gather(1, options)
+    return options.gather(1, letter_logits.argmax(1, keepdim=True)).squeeze(1)
+
+
+def scores(rows: RowSet, logits: Tensor, with_cmi: bool = True) -> dict[str, float]:
     """Multiple-choice accuracy (argmax over the 4 letters), next-token accuracy
     (argmax over the vocabulary) and CMI in nats (exact estimator)."""
     out: dict[str, float] = {}
     if rows.is_mc.any():
-        options = rows.options[rows.is_mc]
-        letter_logits = logits[rows.is_mc].gather(1, options)
-        pick = options.gather(1, letter_logits.argmax(1, keepdim=True)).squeeze(1)
+        pick = mc_choice(rows, logits)
         out["mc_accuracy"] = float((pick == rows.labels[rows.is_mc]).float().mean())
     text = ~rows.is_mc
     if text.any():
         out["next_token_accuracy"] = float(
             (logits[text].argmax(1) == rows.labels[text]).float().mean()
         )
+    if not with_cmi:
+        return out
     out["cmi"] = float(cmi(logits, rows.labels))
     if text.any():
         out["cmi_text"] = float(cmi(logits[text], rows.labels[text]))

@@ -1,0 +1,214 @@
+"""``cmiguard`` command line: train, purify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cmiguard.trainer import OBJECTIVES, TrainConfig
+from cmiguard.transforms import FAMILIES
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", choices=OBJECTIVES, default="paper")
+    p.add_argument("--family", choices=FAMILIES, default="lowrank")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--lr", type=float, default=2e-7)
+    p.add_argument("--lam", type=float, default=1.0, help="paper: weight of the cosine")
+    p.add_argument("--lambda-cmi", type=float, default=1.0)
+    p.add_argument("--lambda-ce", type=float, default=1.0)
+    p.add_argument("--lambda-kl", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--estimator", choices=("exact", "streaming"), default="exact")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        objective=args.objective,
+        family=args.family,
+        rank=args.rank,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lam=args.lam,
+        lambda_cmi=args.lambda_cmi,
+        lambda_ce=args.lambda_ce,
+        lambda_kl=args.lambda_kl,
+        temperature=args.temperature,
+        estimator=args.estimator,
+        seed=args.seed,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cmiguard.checkpoint import save_transform, vocab_fingerprint
+    from cmiguard.data import capital_questions, mc_examples, text_examples, wiki_summaries
+    from cmiguard.models import load_teacher, truncated_copy
+    from cmiguard.trainer import train
+
+    teacher, tokenizer = load_teacher()
+    examples = text_examples(
+        tokenizer, wiki_summaries("calibration", args.articles), args.max_tokens
+    )
+    if args.questions:
+        examples += mc_examples(tokenizer, capital_questions("calibration")[: args.questions])
+    surrogate = (
+        truncated_copy(teacher, args.surrogate_layers) if args.objective == "paper" else None
+    )
+    result = train(
+        _config(args),
+        teacher,
+        examples,
+        tokenizer.pad_token_id,
+        surrogate=surrogate,
+        out_dir=args.out,
+        resume=args.resume,
+        stop_after=args.stop_after,
+    )
+    save_transform(
+        result.transform, Path(args.out) / "transform.safetensors", vocab_fingerprint(tokenizer)
+    )
+    print(
+        json.dumps(
+            {"steps": len(result.history), "last": result.history[-1] if result.history else {}}
+        )
+    )
+    return 0
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    from cmiguard.checkpoint import load_transform
+    from cmiguard.purify import purify
+    from cmiguard.shards import LogitsShard, write_streamed
+
+    transform = load_transform(args.transform)
+    out_dir = Path(args.out)
+    shards = [LogitsShard(p, args.key) for p in args.inputs]
+    total = sum(s.shape[0] for s in shards)
+    bar = tqdm(total=total, unit="row", desc="purify")
+    for shard in shards:
+        if shard.shape[1] != transform.vocab_size:
+            raise ValueError(
+                f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="
+                f"{transform.vocab_size}"
+            )
+        target = out_dir / shard.path.name
+        if args.top_k:
+            ids = []
+
+            def values(shard=shard, ids=ids):
+                for block in shard.blocks(args.block_rows):
+                    v, i = purify(block, transform, args.temperature, args.output, args.top_k)
+                    ids.append(i)
+                    yield v
+
+            # ids are small ([N, k]); they are written after the values stream.
+            gen = values()
+            first = list(gen)
+            import torch
+
+            write_streamed(
+                target,
+                (shard.shape[0], args.top_k),
+                shard.dtype,
+                iter(first),
+                extra={"ids": torch.cat(ids)},
+                on_block=bar.update,
+                name="values",
+            )
+        else:
+            blocks = (
+                purify(b, transform, args.temperature, args.output)
+                for b in shard.blocks(args.block_rows)
+            )
+            write_streamed(target, shard.shape, shard.dtype, blocks, on_block=bar.update)
+    bar.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cmiguard.demo import DemoConfig, run_demo
+
+    config = DemoConfig(calibration_articles=args.articles, heldout_articles=args.heldout_articles)
+    metrics = run_demo(config, out_dir=args.out, progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print_table(metrics)
+    return 0
+
+
+def print_table(metrics: dict[str, float]) -> None:
+    rows = [
+        ("multiple-choice accuracy", "teacher_accuracy_raw", "teacher_accuracy_purified"),
+        ("next-token accuracy", "next_token_accuracy_raw", "next_token_accuracy_purified"),
+        ("CMI, all rows (nats)", "cmi_raw", "cmi_purified"),
+        ("CMI, text rows (nats)", "cmi_text_raw", "cmi_text_purified"),
+    ]
+    print(f"| {'held-out metric':<26} | {'raw':>8} | {'purified':>8} |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 10}|")
+    for name, raw, pur in rows:
+        print(f"| {name:<26} | {metrics[raw]:>8.4f} | {metrics[pur]:>8.4f} |")
+    print(f"\ntop-1 agreement purified vs raw: {metrics['top1_agreement']:.4f}")
+    print(f"CMI ratio purified/raw: {metrics['cmi_purified'] / metrics['cmi_raw']:.3f}")
+    print(f"serving temperature: {metrics['temperature']:.3f}")
+    print(f"learned correction kept: {metrics['correction_scale']:.3f} of B")
+    print(f"purify throughput: {metrics['purify_tokens_per_s']:.0f} rows/s (CPU path)")
+    print(f"total time: {metrics['seconds']:.1f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmiguard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a transform on the SmolLM2 teacher")
+    _train_args(p)
+    p.add_argument("--articles", type=int, default=96, help="calibration Wikipedia summaries")
+    p.add_argument("--questions", type=int, default=200, help="calibration capital questions")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--surrogate-layers", type=int, default=2)
+    p.add_argument(
+        "--out", required=True, help="folder for checkpoint.pt and transform.safetensors"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("purify", help="purify logits shards (.safetensors or .npy), streaming")
+    p.add_argument("inputs", nargs="+", help="logits shards [rows, vocab]")
+    p.add_argument("--transform", required=True)
+    p.add_argument("--out", required=True, help="output folder (same file names)")
+    p.add_argument("--key", default=None, help="tensor name in safetensors inputs")
+    p.add_argument("--output", choices=("logits", "logprobs"), default="logits")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--block-rows", type=int, default=1024)
+    p.set_defaults(func=cmd_purify)
+
+    p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
+    p.add_argument("--articles", type=int, default=96)
+    p.add_argument("--heldout-articles", type=int, default=32)
+    p.add_argument("--out", default=None, help="also save the transform here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"cmiguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
