@@ -25,6 +25,11 @@ def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> T
     check_labels(labels, logits.shape[0], transform.vocab_size)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V] rows, got shape {tuple(logits.shape)}")
+    valid = labels != IGNORE_INDEX
+    label_logit = logits[valid].gather(1, labels[valid].unsqueeze(1))
+    if torch.isneginf(label_logit).any():
+        row = int(valid.nonzero()[torch.isneginf(label_logit).squeeze(1)][0])
+        raise ValueError(f"row {row}: its label's logit is masked (-inf), so CE is infinite")
     return affine_logits(logits, **transform.kernel_params())
 
 
@@ -126,5 +131,5 @@ def gradient_misalignment_loss(
     ce = F.cross_entropy(t, labels, ignore_index=IGNORE_INDEX)
     loss = ce + lam * cos
     if return_stats:
-        return loss, {"ce": float(ce), "cos": float(cos)}
+        return loss, {"ce": float(ce.detach()), "cos": float(cos.detach())}
     return loss

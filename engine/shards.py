@@ -56,7 +56,7 @@ class LogitsShard:
         for start in range(0, self.shape[0], rows):
             stop = min(start + rows, self.shape[0])
             if self.path.suffix == ".npy":
-                yield torch.from_numpy(np.ascontiguousarray(self._array[start:stop]))
+                yield torch.from_numpy(np.array(self._array[start:stop]))
             else:
                 yield self._slice[start:stop]
 

@@ -198,4 +198,4 @@ def _step(
             state=centroids,
             return_stats=True,
         )
-    return {"_loss": loss, "loss": float(loss), **stats}
+    return {"_loss": loss, "loss": float(loss.detach()), **stats}

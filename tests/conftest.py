@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """The real SmolLM2-135M-Instruct (make test installs its wheel)."""
+    from cmiguard.models import load_teacher
+
+    return load_teacher()
+
+
+def random_logits(n: int, v: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=gen) * scale
+
+
+def trained_like(transform, seed: int = 1, scale: float = 0.01):
+    """Give a transform non-trivial parameters (as after training)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in transform.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return transform

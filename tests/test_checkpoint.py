@@ -1,0 +1,93 @@
+import json
+import struct
+
+import pytest
+import torch
+
+from cmiguard import (
+    DenseTransform,
+    DiagLowRankTransform,
+    LowRankTransform,
+    load_transform,
+    save_transform,
+)
+from cmiguard.checkpoint import atomic_write
+from tests.conftest import random_logits, trained_like
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        LowRankTransform(50, 4, bias=True, temperature=2.0),
+        DiagLowRankTransform(50, 3),
+        DenseTransform(50),
+    ],
+)
+def test_round_trip(tmp_path, transform):
+    trained_like(transform)
+    path = tmp_path / "t.safetensors"
+    save_transform(transform, path, vocab_fingerprint="abc")
+    loaded = load_transform(path, vocab_size=50, vocab_fingerprint="abc")
+    assert type(loaded) is type(transform) and loaded.temperature == transform.temperature
+    z = random_logits(4, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z), transform(z))
+
+
+def test_other_vocabulary_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(50, 2), path, vocab_fingerprint="aaaa")
+    with pytest.raises(
+        ValueError, match="trained for vocab_size=50, but the model has vocab_size=49152"
+    ):
+        load_transform(path, vocab_size=49152)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_transform(path, vocab_fingerprint="bbbb")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(500, 8), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_transform(path)
+
+
+def _rewrite_metadata(path, **changes):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_unknown_version_and_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(20, 2), path)
+    _rewrite_metadata(path, format_version="99")
+    with pytest.raises(ValueError, match="format version '99'"):
+        load_transform(path)
+    _rewrite_metadata(path, format="something-else")
+    with pytest.raises(ValueError, match="not a cmiguard transform"):
+        load_transform(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_transform(tmp_path / "missing.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(20, 2), path)
+    before = path.read_bytes()
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]

@@ -1,0 +1,157 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cmiguard import LowRankTransform, purify, save_transform
+from cmiguard.cli import main
+from tests.conftest import random_logits, trained_like
+
+
+@pytest.fixture
+def transform_file(tmp_path):
+    t = trained_like(LowRankTransform(300, 4, temperature=1.3), scale=0.01)
+    path = tmp_path / "t.safetensors"
+    save_transform(t, path)
+    return t, path
+
+
+def test_purify_streams_npy_and_safetensors(tmp_path, transform_file):
+    t, tpath = transform_file
+    z1, z2 = random_logits(37, 300, seed=1), random_logits(5, 300, seed=2).half()
+    np.save(tmp_path / "a.npy", z1.numpy())
+    save_file({"logits": z2}, tmp_path / "b.safetensors")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "a.npy"), str(tmp_path / "b.safetensors"), "--transform", str(tpath)]
+    assert (
+        main(["purify", *args, "--out", str(out), "--block-rows", "8", "--output", "logprobs"]) == 0
+    )
+    got1 = torch.from_numpy(np.load(out / "a.npy"))
+    torch.testing.assert_close(got1, purify(z1, t, output="logprobs"))
+    got2 = load_file(out / "b.safetensors")["logits"]
+    assert got2.dtype == torch.float16
+    torch.testing.assert_close(got2, purify(z2, t, output="logprobs"))
+
+
+def test_purify_top_k(tmp_path, transform_file):
+    t, tpath = transform_file
+    z = random_logits(11, 300)
+    save_file({"logits": z}, tmp_path / "z.safetensors")
+    out = tmp_path / "out"
+    argv = ["purify", str(tmp_path / "z.safetensors"), "--transform", str(tpath), "--out", str(out)]
+    assert main([*argv, "--top-k", "5", "--output", "logprobs", "--block-rows", "4"]) == 0
+    got = load_file(out / "z.safetensors")
+    values, ids = purify(z, t, output="logprobs", top_k=5)
+    torch.testing.assert_close(got["values"], values)
+    assert torch.equal(got["ids"], ids)
+
+
+def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
+    _, tpath = transform_file
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 299), dtype=np.float32))
+    assert (
+        main(
+            [
+                "purify",
+                str(tmp_path / "wrong.npy"),
+                "--transform",
+                str(tpath),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "vocab 299" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00")
+    assert (
+        main(
+            [
+                "purify",
+                str(tmp_path / "bad.safetensors"),
+                "--transform",
+                str(tpath),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "truncated" in capsys.readouterr().err
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(tpath.read_bytes()[:100])
+    assert (
+        main(
+            [
+                "purify",
+                str(tmp_path / "wrong.npy"),
+                "--transform",
+                str(truncated),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.teacher
+def test_train_resume_from_the_command_line(tmp_path, teacher):
+    base = [sys.executable, "-m", "cmiguard.cli", "train", "--objective", "cmi", "--articles", "3"]
+    base += [
+        "--questions",
+        "4",
+        "--max-tokens",
+        "16",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-5",
+    ]
+    first = subprocess.run(
+        [*base, "--out", str(tmp_path / "a"), "--stop-after", "2"], capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run(
+        [*base, "--out", str(tmp_path / "a"), "--resume"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([*base, "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    a, b = (
+        load_file(tmp_path / "a" / "transform.safetensors"),
+        load_file(tmp_path / "b" / "transform.safetensors"),
+    )
+    assert json.loads(resumed.stdout)["steps"] == json.loads(whole.stdout)["steps"] == 4
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.teacher
+def test_demo_end_to_end(teacher):
+    """The embedded default on a small slice: the constraints hold on held-out rows."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmiguard.cli",
+        "demo",
+        "--json",
+        "--articles",
+        "24",
+        "--heldout-articles",
+        "12",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    m = json.loads(run.stdout)
+    assert m["top1_agreement"] >= 0.99
+    assert m["teacher_accuracy_purified"] >= m["teacher_accuracy_raw"] - 0.03
+    assert m["teacher_accuracy_raw"] > 0.5  # the cloze multiple choice is far above chance
+    assert m["cmi_purified"] <= m["cmi_raw"] / 3

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from cmiguard import DenseTransform, DiagLowRankTransform, LowRankTransform, purify
+from cmiguard.kernels.reference import affine_logits, purify_reference
+from tests.conftest import random_logits, trained_like
+
+FAMILIES = [
+    lambda v: LowRankTransform(v, 4),
+    lambda v: DiagLowRankTransform(v, 4),
+    lambda v: DenseTransform(v),
+]
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+@pytest.mark.parametrize("v", [1, 7, 1000])
+def test_identity_at_init(make, v):
+    z = random_logits(5, v)
+    if v > 1:
+        z[0, 0] = float("-inf")
+    out = make(v)(z)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(z))
+    finite = torch.isfinite(z)
+    assert torch.allclose(out[finite], z[finite], atol=1e-5 * max(1.0, v**0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_purify_identity_returns_input(dtype):
+    z = random_logits(17, 301).to(dtype)
+    out = purify(z, LowRankTransform(301, 3))
+    assert out.dtype == dtype and out.shape == z.shape
+    torch.testing.assert_close(
+        out.float(), z.float(), rtol=0, atol=1e-3 if dtype == torch.float32 else 0.1
+    )
+
+
+def test_purify_outputs_match_definitions():
+    z = random_logits(9, 257).reshape(3, 3, 257)
+    t = trained_like(LowRankTransform(257, 8))
+    ref = affine_logits(z.reshape(-1, 257), **t.kernel_params()).detach().reshape(z.shape) / 2.0
+    torch.testing.assert_close(purify(z, t, temperature=2.0), ref, rtol=1e-5, atol=1e-5)
+    logp = purify(z, t, temperature=2.0, output="logprobs")
+    torch.testing.assert_close(logp, ref.log_softmax(-1), rtol=1e-5, atol=1e-5)
+    values, ids = purify(z, t, temperature=2.0, output="logprobs", top_k=5)
+    want_v, want_i = ref.log_softmax(-1).topk(5)
+    assert values.shape == (3, 3, 5)
+    torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, want_i)
+
+
+def test_chunking_does_not_change_the_result():
+    z = random_logits(33, 129)
+    t = trained_like(DiagLowRankTransform(129, 4))
+
+    def fn(x):
+        return affine_logits(x, **{k: p.detach() for k, p in t.kernel_params().items()})
+
+    whole = purify_reference(z, fn, 1.5, "logprobs", chunk_rows=33)
+    rowwise = purify_reference(z, fn, 1.5, "logprobs", chunk_rows=1)
+    torch.testing.assert_close(whole, rowwise, rtol=0, atol=1e-6)
+
+
+def test_masked_logits_stay_masked_and_extremes_are_finite():
+    z = torch.full((3, 50), float("-inf"))
+    z[:, 7] = 1e4
+    z[1, 3] = -1e4
+    out = purify(z, trained_like(LowRankTransform(50, 2)), output="logprobs")
+    assert torch.isneginf(out).sum() == torch.isneginf(z).sum()
+    assert torch.isfinite(out[:, 7]).all()
+    assert out[0, 7].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_fold_equals_transform_of_head(make):
+    v, d = 64, 16
+    t = trained_like(make(v), scale=0.05)
+    e, c, h = torch.randn(v, d), torch.randn(v), torch.randn(10, d)
+    w2, c2 = t.fold(e, c)
+    with torch.no_grad():
+        torch.testing.assert_close(h @ w2.t() + c2, t(h @ e.t() + c), rtol=1e-4, atol=1e-4)
+
+
+def test_purify_rejects_bad_arguments():
+    t = LowRankTransform(10, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        purify(torch.zeros(2, 10), t, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        purify(torch.zeros(2, 10), t, top_k=11)
+    with pytest.raises(ValueError, match="output"):
+        purify(torch.zeros(2, 10), t, output="probs")
+    with pytest.raises(ValueError, match="unknown transform family"):
+        from cmiguard import make_transform
+
+        make_transform("sparse", 10)
