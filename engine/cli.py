@@ -50,7 +50,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import save_transform, vocab_fingerprint
     from cmiguard.data import capital_questions, mc_examples, text_examples, wiki_summaries
-    from cmiguard.models import load_teacher, truncated_copy
+    from cmiguard.models import load_teacher
+    from cmiguard.students import make_surrogate
     from cmiguard.trainer import train
 
     teacher, tokenizer = load_teacher()
@@ -59,9 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.questions:
         examples += mc_examples(tokenizer, capital_questions("calibration")[: args.questions])
-    surrogate = (
-        truncated_copy(teacher, args.surrogate_layers) if args.objective == "paper" else None
-    )
+    surrogate = None
+    if args.objective == "paper":
+        surrogate = make_surrogate(
+            teacher, examples, tokenizer.pad_token_id, args.surrogate_layers, args.surrogate_steps
+        )
     result = train(
         _config(args),
         teacher,
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=200, help="calibration capital questions")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--surrogate-layers", type=int, default=2)
+    p.add_argument("--surrogate-steps", type=int, default=20, help="surrogate fine-tuning steps")
     p.add_argument(
         "--out", required=True, help="folder for checkpoint.pt and transform.safetensors"
     )

@@ -19,8 +19,9 @@ from cmiguard.data import (
     wiki_summaries,
 )
 from cmiguard.evaluate import RowSet, compare, mc_choice, teacher_rows
-from cmiguard.models import load_teacher, truncated_copy
+from cmiguard.models import load_teacher
 from cmiguard.purify import cmi
+from cmiguard.students import make_surrogate
 from cmiguard.trainer import TrainConfig, train
 from cmiguard.transforms import LogitTransform
 
@@ -31,6 +32,7 @@ class DemoConfig:
     heldout_articles: int = 32
     max_tokens: int = 64
     surrogate_layers: int = 2
+    surrogate_steps: int = 20
     cmi_target: float = 0.25  # purified CMI / raw CMI on calibration rows
     train: TrainConfig | None = None
 
@@ -105,7 +107,14 @@ def run_demo(
     heldout = text_examples(
         tokenizer, wiki_summaries("heldout", config.heldout_articles), config.max_tokens
     ) + mc_examples(tokenizer, capital_questions("heldout"))
-    surrogate = truncated_copy(teacher, config.surrogate_layers)
+    surrogate = make_surrogate(
+        teacher,
+        calibration,
+        pad,
+        config.surrogate_layers,
+        config.surrogate_steps,
+        progress=progress,
+    )
     result = train(train_cfg, teacher, calibration, pad, surrogate=surrogate, progress=progress)
     transform = result.transform
     cal_rows = teacher_rows(
