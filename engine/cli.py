@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -30,20 +31,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` fields the command line sets (same names)."""
     return TrainConfig(
-        objective=args.objective,
-        family=args.family,
-        rank=args.rank,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lam=args.lam,
-        lambda_cmi=args.lambda_cmi,
-        lambda_ce=args.lambda_ce,
-        lambda_kl=args.lambda_kl,
-        temperature=args.temperature,
-        estimator=args.estimator,
-        seed=args.seed,
+        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     )
 
 

@@ -67,21 +67,13 @@ def test_bad_training_input():
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     teacher = tiny_model(96)
-    train(
-        TrainConfig(objective="cmi", rank=2),
-        teacher,
-        tiny_examples(),
-        0,
-        out_dir=tmp_path,
-        progress=False,
-    )
-    with pytest.raises(ValueError, match="another configuration"):
-        train(
-            TrainConfig(objective="cmi", rank=3),
-            teacher,
-            tiny_examples(),
-            0,
-            out_dir=tmp_path,
-            resume=True,
-            progress=False,
+
+    def run(rank, resume):
+        config = TrainConfig(objective="cmi", rank=rank)
+        return train(
+            config, teacher, tiny_examples(), 0, out_dir=tmp_path, resume=resume, progress=False
         )
+
+    run(2, resume=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        run(3, resume=True)
