@@ -13,14 +13,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cmiguard.kernels import backend
 from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction, affine_logits
 from cmiguard.purify import StreamingCentroids
 from cmiguard.transforms import LogitTransform
 from cmiguard.validation import check_labels, check_logits
 
 
-def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> Tensor:
-    """Validated ``T(z)`` in fp32, with the graph to the transform's parameters."""
+def _triton_objective(logits, labels, transform, estimator, state, lams):
+    """The fused-kernel path: operands instead of a materialised ``T(z)``."""
+    from cmiguard.kernels.cmi_loss import ProjectFunction, TritonObjectiveFunction
+
+    params = transform.kernel_params()
+    if params.get("weight") is not None:
+        x, u, b, scale, bias = affine_logits(logits, **params), None, None, None, None
+    else:
+        x, b, scale, bias = logits, params.get("b"), params.get("scale"), params.get("bias")
+        u = ProjectFunction.apply(logits, params["a"]) if params.get("a") is not None else None
+    log_q = None
+    if estimator == "streaming":
+        state = state if state is not None else StreamingCentroids(transform.vocab_size)
+        with torch.no_grad():
+            t = affine_logits(logits, **params)
+        log_q = state.log_centroids(t, labels, lams[3], lams[4])
+        del t
+    return TritonObjectiveFunction.apply(x, u, b, scale, bias, logits, labels, log_q, *lams)
+
+
+def _check_rows(logits: Tensor, labels: Tensor, transform: LogitTransform) -> None:
+    """Validated ``[N, V]`` logits and labels, no label on a masked token."""
     check_logits(logits, transform.vocab_size)
     check_labels(labels, logits.shape[0], transform.vocab_size)
     if logits.dim() != 2:
@@ -30,6 +51,11 @@ def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> T
     if torch.isneginf(label_logit).any():
         row = int(valid.nonzero()[torch.isneginf(label_logit).squeeze(1)][0])
         raise ValueError(f"row {row}: its label's logit is masked (-inf), so CE is infinite")
+
+
+def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> Tensor:
+    """Validated ``T(z)`` in fp32, with the graph to the transform's parameters."""
+    _check_rows(logits, labels, transform)
     return affine_logits(logits, **transform.kernel_params())
 
 
@@ -52,16 +78,19 @@ def anti_distillation_loss(
     ``exact``, the moving average in ``state`` for ``streaming``), ``CE`` is
     ``CE(T(z), y)`` and ``KL`` is ``KL(softmax(z) ‖ softmax(T(z)))``.
     """
-    t = _transformed(logits, labels, transform)
-    log_q = None
-    if estimator == "streaming":
-        state = state if state is not None else StreamingCentroids(transform.vocab_size)
-        log_q = state.log_centroids(t.detach(), labels, temperature, min_count)
-    elif estimator != "exact":
+    if estimator not in ("exact", "streaming"):
         raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
-    loss, stats = ObjectiveFunction.apply(
-        t, logits, labels, log_q, lambda_cmi, lambda_ce, lambda_kl, temperature, min_count
-    )
+    lams = (lambda_cmi, lambda_ce, lambda_kl, temperature, min_count)
+    if backend(logits) == "triton":
+        _check_rows(logits, labels, transform)
+        loss, stats = _triton_objective(logits, labels, transform, estimator, state, lams)
+    else:
+        t = _transformed(logits, labels, transform)
+        log_q = None
+        if estimator == "streaming":
+            state = state if state is not None else StreamingCentroids(transform.vocab_size)
+            log_q = state.log_centroids(t.detach(), labels, temperature, min_count)
+        loss, stats = ObjectiveFunction.apply(t, logits, labels, log_q, *lams)
     if return_stats:
         cmi_v, ce_v, kl_v = stats.tolist()
         return loss, {"cmi": cmi_v, "ce": ce_v, "kl": kl_v}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cmiguard.kernels import backend
 from cmiguard.kernels.reference import (
     affine_logits,
     centroid_sums,
@@ -44,7 +45,12 @@ def purify(
         k: (p.detach() if p is not None else None) for k, p in transform.kernel_params().items()
     }
 
-    result = purify_reference(flat, lambda z: affine_logits(z, **params), tau, output, top_k)
+    if backend(flat) == "triton":
+        from cmiguard.kernels.purify import purify_triton
+
+        result = purify_triton(flat, params, tau, output, top_k)
+    else:
+        result = purify_reference(flat, lambda z: affine_logits(z, **params), tau, output, top_k)
     if top_k is not None:
         values, ids = result
         shape = (*logits.shape[:-1], top_k)
@@ -71,13 +77,33 @@ def cmi(
     check_logits(logits)
     flat = logits.reshape(-1, logits.shape[-1])
     check_labels(labels, flat.shape[0], flat.shape[-1])
-    if estimator == "exact":
-        return cmi_reference(flat, labels, temperature, min_count)
+    if estimator not in ("exact", "streaming"):
+        raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
+    log_q = None
     if estimator == "streaming":
         state = state if state is not None else StreamingCentroids(flat.shape[-1])
         log_q = state.log_centroids(flat, labels, temperature, min_count)
-        return cmi_reference(flat, labels, temperature, min_count, log_centroids=log_q)
-    raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
+    if backend(flat) == "triton":
+        from cmiguard.kernels.cmi_loss import TritonObjectiveFunction
+
+        with torch.no_grad():
+            _, stats = TritonObjectiveFunction.apply(
+                flat,
+                None,
+                None,
+                None,
+                None,
+                flat,
+                labels,
+                log_q,
+                1.0,
+                0.0,
+                0.0,
+                temperature,
+                min_count,
+            )
+        return stats[0]
+    return cmi_reference(flat, labels, temperature, min_count, log_centroids=log_q)
 
 
 class StreamingCentroids:

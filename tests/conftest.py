@@ -1,7 +1,21 @@
-import pytest
-import torch
+import os
+
+# The kernel tests run the Triton kernels on CPU tensors through the
+# interpreter; it must be on before any @triton.jit runs. On a GPU machine
+# CMIGUARD_TEST_COMPILED=1 keeps the compiled kernels instead.
+if not os.environ.get("CMIGUARD_TEST_COMPILED"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Transforms draw A from the global generator: make every test start the same."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

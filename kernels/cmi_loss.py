@@ -1,0 +1,474 @@
+"""Fused training objective: transform + softmax + per-label CMI statistics.
+
+Forward (:func:`stats_kernel`), one row block per program: pass 1 keeps
+running log-sum-exps of ``t/τ``, ``t`` and ``z``; pass 2 recomputes ``p``,
+scatters it into the label centroids (atomics), and sums ``Σ p log p``,
+``Σ p log Q`` (against given centroids: the streaming estimator's one pass),
+the label logit and ``KL(softmax(z) ‖ softmax(t))``. The exact estimator
+runs pass 2 once more against the finished centroids. Only the row
+statistics are saved, never ``[N, V]`` probabilities.
+
+Backward (:func:`grad_kernel`): ``∂L/∂t`` from the closed form of DESIGN.md
+(``g = log p − log Q``, then the softmax backward), recomputing ``p`` from
+the saved log-sum-exps; the per-column gradients (scale, bias) are reduced
+in the kernel, the low-rank ones are two thin GEMMs on ``∂L/∂t``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cmiguard.kernels.config import launch_config
+from cmiguard.kernels.purify import project
+from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
+from cmiguard.kernels.tile import finish_lse, online_lse, transform_tile
+
+# columns of the [N, 8] row statistics
+LSE_TAU, LSE_T, LSE_Z, NEG_ENTROPY, CROSS, LABEL_LOGIT, KL = range(7)
+N_STATS = 8
+
+
+@triton.jit
+def stats_kernel(
+    x_ptr,
+    u_ptr,
+    b_ptr,
+    scale_ptr,
+    bias_ptr,
+    z_ptr,
+    labels_ptr,
+    group_ptr,
+    sums_ptr,
+    logq_ptr,
+    stats_ptr,
+    N,
+    V,
+    stride_x,
+    stride_z,
+    inv_tau,
+    R: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FIRST: tl.constexpr,
+    SCATTER: tl.constexpr,
+    CROSS: tl.constexpr,
+    NEED_KL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    srow = stats_ptr + rows.to(tl.int64) * 8
+    y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    g = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+    in_cmi = row_ok & (g >= 0)
+    if FIRST:
+        m1 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        m3 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            t = transform_tile(
+                x_ptr,
+                u_ptr,
+                b_ptr,
+                scale_ptr,
+                bias_ptr,
+                rows,
+                cols,
+                N,
+                V,
+                stride_x,
+                R,
+                HAS_LOWRANK,
+                HAS_SCALE,
+                HAS_BIAS,
+                BLOCK_R,
+            )
+            m1, s1 = online_lse(m1, s1, t * inv_tau)
+            m2, s2 = online_lse(m2, s2, t)
+            if NEED_KL:
+                ok = row_ok[:, None] & (cols[None, :] < V)
+                zt = tl.load(
+                    z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
+                    mask=ok,
+                    other=float("-inf"),
+                ).to(tl.float32)
+                m3, s3 = online_lse(m3, s3, zt)
+        lse_tau = finish_lse(m1, s1)
+        lse_t = finish_lse(m2, s2)
+        lse_z = finish_lse(m3, s3)
+    else:
+        lse_tau = tl.load(srow + 0, mask=row_ok, other=0.0)
+        lse_t = tl.load(srow + 1, mask=row_ok, other=0.0)
+    neg_entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cross = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    label_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols[None, :] < V)
+        t = transform_tile(
+            x_ptr,
+            u_ptr,
+            b_ptr,
+            scale_ptr,
+            bias_ptr,
+            rows,
+            cols,
+            N,
+            V,
+            stride_x,
+            R,
+            HAS_LOWRANK,
+            HAS_SCALE,
+            HAS_BIAS,
+            BLOCK_R,
+        )
+        logp = t * inv_tau - lse_tau[:, None]
+        p = tl.exp(logp)
+        live = p > 0
+        if FIRST:
+            neg_entropy += tl.sum(tl.where(live, p * logp, 0.0), axis=1)
+            label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], t, 0.0), axis=1)
+            if NEED_KL:
+                zt = tl.load(
+                    z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
+                    mask=ok,
+                    other=float("-inf"),
+                ).to(tl.float32)
+                log_q = zt - lse_z[:, None]
+                q = tl.exp(log_q)
+                kl += tl.sum(tl.where(q > 0, q * (log_q - (t - lse_t[:, None])), 0.0), axis=1)
+            if SCATTER:
+                cmi_ok = ok & in_cmi[:, None]
+                target = sums_ptr + g[:, None].to(tl.int64) * V + cols[None, :]
+                tl.atomic_add(target, p, mask=cmi_ok)
+        if CROSS:
+            cmi_ok = ok & in_cmi[:, None]
+            log_c = tl.load(
+                logq_ptr + g[:, None].to(tl.int64) * V + cols[None, :], mask=cmi_ok, other=0.0
+            )
+            cross += tl.sum(tl.where(live & cmi_ok, p * log_c, 0.0), axis=1)
+    if FIRST:
+        tl.store(srow + 0, lse_tau, mask=row_ok)
+        tl.store(srow + 1, lse_t, mask=row_ok)
+        tl.store(srow + 2, lse_z, mask=row_ok)
+        tl.store(srow + 3, neg_entropy, mask=row_ok)
+        tl.store(srow + 5, label_logit, mask=row_ok)
+        tl.store(srow + 6, kl, mask=row_ok)
+    if CROSS:
+        tl.store(srow + 4, cross, mask=row_ok)
+
+
+@triton.jit
+def grad_kernel(
+    x_ptr,
+    u_ptr,
+    b_ptr,
+    scale_ptr,
+    bias_ptr,
+    z_ptr,
+    labels_ptr,
+    group_ptr,
+    logq_ptr,
+    stats_ptr,
+    weights_ptr,
+    grad_ptr,
+    grad_scale_ptr,
+    grad_bias_ptr,
+    N,
+    V,
+    stride_x,
+    stride_z,
+    inv_tau,
+    R: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NEED_KL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    srow = stats_ptr + rows.to(tl.int64) * 8
+    y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    g = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+    lse_tau = tl.load(srow + 0, mask=row_ok, other=0.0)
+    lse_t = tl.load(srow + 1, mask=row_ok, other=0.0)
+    lse_z = tl.load(srow + 2, mask=row_ok, other=0.0)
+    dot = tl.load(srow + 3, mask=row_ok, other=0.0) - tl.load(srow + 4, mask=row_ok, other=0.0)
+    w_cmi = tl.load(weights_ptr + rows * 3 + 0, mask=row_ok, other=0.0) * inv_tau
+    w_ce = tl.load(weights_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
+    w_kl = tl.load(weights_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        ok = row_ok[:, None] & col_ok[None, :]
+        t = transform_tile(
+            x_ptr,
+            u_ptr,
+            b_ptr,
+            scale_ptr,
+            bias_ptr,
+            rows,
+            cols,
+            N,
+            V,
+            stride_x,
+            R,
+            HAS_LOWRANK,
+            HAS_SCALE,
+            HAS_BIAS,
+            BLOCK_R,
+        )
+        logp = t * inv_tau - lse_tau[:, None]
+        p = tl.exp(logp)
+        cmi_ok = ok & (g[:, None] >= 0)
+        log_c = tl.load(
+            logq_ptr + g[:, None].to(tl.int64) * V + cols[None, :], mask=cmi_ok, other=0.0
+        )
+        gp = tl.where(p > 0, logp - log_c, 0.0)
+        grad = w_cmi[:, None] * p * (gp - dot[:, None])
+        grad += (w_ce + w_kl)[:, None] * tl.exp(t - lse_t[:, None])
+        grad -= tl.where(cols[None, :] == y[:, None], w_ce[:, None], 0.0)
+        if NEED_KL:
+            zt = tl.load(
+                z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
+                mask=ok,
+                other=float("-inf"),
+            ).to(tl.float32)
+            grad -= w_kl[:, None] * tl.exp(zt - lse_z[:, None])
+        grad = tl.where(ok, grad, 0.0)
+        if WRITE_GRAD:
+            tl.store(grad_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], grad, mask=ok)
+        if HAS_SCALE:
+            x = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0
+            ).to(tl.float32)
+            x = tl.where(x == float("-inf"), 0.0, x)
+            tl.atomic_add(grad_scale_ptr + cols, tl.sum(x * grad, axis=0), mask=col_ok)
+        if HAS_BIAS:
+            tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, axis=0), mask=col_ok)
+
+
+def _launch_args(x: Tensor, u, b, scale, bias):
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    return (
+        x,
+        u if u is not None else dummy,
+        b if b is not None else dummy,
+        scale if scale is not None else dummy,
+        bias if bias is not None else dummy,
+    ), dummy
+
+
+class ProjectFunction(torch.autograd.Function):
+    """``u = z A`` (``-inf`` read as 0) with the gradient for ``A`` only."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, a: Tensor) -> Tensor:
+        ctx.save_for_backward(z, a)
+        return project(z, a)
+
+    @staticmethod
+    def backward(ctx, grad_u: Tensor):
+        z, a = ctx.saved_tensors
+        grad_a = torch.zeros(z.shape[1], grad_u.shape[1], dtype=torch.float32, device=z.device)
+        for rows in row_chunks(z.shape[0], z.shape[1]):
+            zc = z[rows].float()
+            grad_a.addmm_(zc.masked_fill(torch.isneginf(zc), 0.0).t(), grad_u[rows])
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (grad_u @ a.float().t()).masked_fill(torch.isneginf(z), 0.0).to(z.dtype)
+        return grad_z, grad_a.to(a.dtype)
+
+
+class TritonObjectiveFunction(torch.autograd.Function):
+    """Triton twin of :class:`cmiguard.kernels.reference.ObjectiveFunction`.
+
+    Takes the transform as kernel operands ``(x, u, b, scale, bias)`` (see
+    :mod:`cmiguard.kernels.tile`) and the raw logits ``z``; returns
+    ``(loss, [cmi, ce, kl])``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        u,
+        b,
+        scale,
+        bias,
+        z,
+        labels,
+        log_centroids,
+        lam_cmi,
+        lam_ce,
+        lam_kl,
+        temperature,
+        min_count,
+    ):
+        n, v = x.shape
+        rows, group, _, counts = label_groups(labels, min_count)
+        group_of_row = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        group_of_row[rows] = group
+        valid = labels != IGNORE_INDEX
+        stats = torch.zeros(n, 8, dtype=torch.float32, device=x.device)
+        need_kl = bool(lam_kl)
+        operands, dummy = _launch_args(x, u, b, scale, bias)
+        r = u.shape[1] if u is not None else 0
+        cfg = launch_config(n, v, r)
+        grid = (triton.cdiv(n, cfg.block_n),)
+        common = (z, labels, group_of_row)
+        flags = (r, u is not None, scale is not None, bias is not None)
+        blocks = (cfg.block_n, cfg.block_v, cfg.block_r)
+        n_groups = int(counts.numel())
+        if log_centroids is None and n_groups > 0:
+            sums = torch.zeros(n_groups, v, dtype=torch.float32, device=x.device)
+            stats_kernel[grid](
+                *operands,
+                *common,
+                sums,
+                dummy,
+                stats,
+                n,
+                v,
+                x.stride(0),
+                z.stride(0),
+                1.0 / temperature,
+                *flags,
+                True,
+                True,
+                False,
+                need_kl,
+                *blocks,
+            )
+            log_centroids = _log_mean(sums, counts)
+            stats_kernel[grid](
+                *operands,
+                *common,
+                dummy,
+                log_centroids,
+                stats,
+                n,
+                v,
+                x.stride(0),
+                z.stride(0),
+                1.0 / temperature,
+                *flags,
+                False,
+                False,
+                True,
+                need_kl,
+                *blocks,
+            )
+        else:
+            has_q = log_centroids is not None and n_groups > 0
+            log_q = log_centroids.contiguous() if has_q else dummy
+            stats_kernel[grid](
+                *operands,
+                *common,
+                dummy,
+                log_q,
+                stats,
+                n,
+                v,
+                x.stride(0),
+                z.stride(0),
+                1.0 / temperature,
+                *flags,
+                True,
+                False,
+                has_q,
+                need_kl,
+                *blocks,
+            )
+            log_centroids = log_q
+        kept = max(rows.numel(), 1)
+        n_valid = max(int(valid.sum()), 1)
+        cmi = (stats[rows, NEG_ENTROPY] - stats[rows, CROSS]).double().sum() / kept
+        ce = (stats[valid, LSE_T] - stats[valid, LABEL_LOGIT]).double().sum() / n_valid
+        kl = stats[valid, KL].double().sum() / n_valid
+        weights = torch.zeros(n, 3, dtype=torch.float32, device=x.device)
+        weights[rows, 0] = lam_cmi / kept
+        weights[valid, 1] = lam_ce / n_valid
+        weights[valid, 2] = lam_kl / n_valid
+        ctx.save_for_backward(
+            x, u, b, scale, bias, z, labels, group_of_row, log_centroids, stats, weights
+        )
+        ctx.config = (temperature, need_kl, cfg)
+        loss = (lam_cmi * cmi + lam_ce * ce + lam_kl * kl).float()
+        out_stats = torch.stack([cmi, ce, kl]).float()
+        ctx.mark_non_differentiable(out_stats)
+        return loss, out_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        x, u, b, scale, bias, z, labels, group_of_row, log_q, stats, weights = ctx.saved_tensors
+        temperature, need_kl, cfg = ctx.config
+        n, v = x.shape
+        weights = weights * grad_loss.float()
+        operands, dummy = _launch_args(x, u, b, scale, bias)
+        r = u.shape[1] if u is not None else 0
+        need_t = u is not None or ctx.needs_input_grad[0]
+        grad_t = torch.empty(n, v, dtype=torch.float32, device=x.device) if need_t else dummy
+        grad_scale = (
+            torch.zeros(v, dtype=torch.float32, device=x.device) if scale is not None else dummy
+        )
+        grad_bias = (
+            torch.zeros(v, dtype=torch.float32, device=x.device) if bias is not None else dummy
+        )
+        grid = (triton.cdiv(n, cfg.block_n),)
+        grad_kernel[grid](
+            *operands,
+            z,
+            labels,
+            group_of_row,
+            log_q,
+            stats,
+            weights,
+            grad_t,
+            grad_scale,
+            grad_bias,
+            n,
+            v,
+            x.stride(0),
+            z.stride(0),
+            1.0 / temperature,
+            r,
+            u is not None,
+            scale is not None,
+            bias is not None,
+            need_kl,
+            need_t,
+            cfg.block_n,
+            cfg.block_v,
+            cfg.block_r,
+        )
+        grad_x = grad_u = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_t * scale if scale is not None else grad_t
+            grad_x = grad_x.to(x.dtype)
+        if u is not None:
+            grad_u = grad_t @ b
+            grad_b = grad_t.t() @ u
+        return (
+            grad_x,
+            grad_u,
+            grad_b,
+            grad_scale if scale is not None else None,
+            grad_bias if bias is not None else None,
+            *([None] * 8),
+        )

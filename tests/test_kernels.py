@@ -1,0 +1,199 @@
+"""Triton kernels against their torch twins (interpreter on CPU, compiled on a GPU).
+
+Tolerances follow cut-cross-entropy's rule: the kernel may be no further from
+a float64 ground truth than the fp32 twin is, plus a small absolute slack.
+"""
+
+import os
+
+import pytest
+import torch
+
+from cmiguard import (
+    DenseTransform,
+    DiagLowRankTransform,
+    LowRankTransform,
+    anti_distillation_loss,
+    cmi,
+    purify,
+)
+from cmiguard.kernels import backend
+from cmiguard.kernels.purify import purify_triton
+from cmiguard.kernels.reference import affine_logits, purify_reference
+from tests.conftest import random_logits, trained_like
+
+DEVICE = "cuda" if os.environ.get("CMIGUARD_TEST_COMPILED") else "cpu"
+MAKERS = {
+    "lowrank": lambda v: LowRankTransform(v, 5),
+    "diag_lowrank": lambda v: DiagLowRankTransform(v, 3),
+    "dense": lambda v: DenseTransform(v),
+}
+
+
+@pytest.fixture
+def force(monkeypatch):
+    def use(name):
+        monkeypatch.setenv("CMIGUARD_BACKEND", name)
+
+    return use
+
+
+def awkward_logits(n, v, seed=0):
+    """Random logits with a row masked to one token, ±1e4 entries and masked tokens."""
+    z = random_logits(n, v, seed)
+    if v > 1:
+        z[0, 1:] = float("-inf")
+        z[-1, v // 2] = 1e4
+        z[-1, 0] = -1e4
+        z[n // 2, (v - 1) // 3] = float("-inf")
+    return z.to(DEVICE)
+
+
+def params_of(t):
+    return {
+        k: (p.detach().to(DEVICE) if p is not None else None) for k, p in t.kernel_params().items()
+    }
+
+
+def close_to_truth(ours, twin, truth, magnitude, tol):
+    """|truth − ours| <= |truth − twin| + tol·magnitude, -inf in the same places.
+
+    ``magnitude`` bounds what fp32 rounding scales with: the row's largest
+    logit (a ±1e4 entry carries into every log-prob of its row) and the
+    summed |terms| of the low-rank product (a sum over V entries).
+    """
+    assert torch.equal(torch.isneginf(ours), torch.isneginf(truth))
+    finite = torch.isfinite(truth)
+    err_ours = (truth - ours.double()).abs()[finite]
+    err_twin = (truth - twin.double()).abs()[finite]
+    slack = tol * magnitude.expand_as(truth)[finite]
+    assert bool((err_ours <= err_twin + slack).all()), float((err_ours - err_twin).max())
+
+
+def float64_truth(z, p, tau, output):
+    """The transform and softmax in float64 from the definitions, and the
+    per-row magnitude fp32 rounding scales with (see :func:`close_to_truth`)."""
+    z = z.double()
+    masked = torch.isneginf(z)
+    z0 = z.masked_fill(masked, 0.0)
+    p = {k: (x.double() if x is not None else None) for k, x in p.items()}
+    if p.get("weight") is not None:
+        t = z0 @ p["weight"].t()
+        terms = z0.abs() @ p["weight"].abs().t()
+    else:
+        t = z0 * p["scale"] if p.get("scale") is not None else z0
+        t = t + (z0 @ p["a"]) @ p["b"].t()
+        terms = (z0.abs() @ p["a"].abs()) @ p["b"].abs().t()
+    if p.get("bias") is not None:
+        t = t + p["bias"]
+    t = t.masked_fill(masked, float("-inf")) / tau
+    magnitude = (z0.abs().amax(1, keepdim=True) + terms.amax(1, keepdim=True)).clamp_min(1.0)
+    return (t.log_softmax(-1) if output == "logprobs" else t), magnitude
+
+
+SHAPES = [(1, 1), (3, 7), (17, 1000), (3, 49152)]
+
+
+@pytest.mark.parametrize(
+    ("family", "n", "v"),
+    # dense holds V² parameters: it is for small or top-k-restricted vocabularies
+    [(f, n, v) for f in MAKERS for n, v in SHAPES if not (f == "dense" and v > 1000)],
+)
+@pytest.mark.parametrize("output", ["logits", "logprobs"])
+def test_purify_kernel_matches_twin(family, n, v, output):
+    transform = trained_like(MAKERS[family](v), scale=0.01)
+    p = params_of(transform)
+    z = awkward_logits(n, v)
+    ours = purify_triton(z, p, 1.7, output)
+    twin = purify_reference(z, lambda x: affine_logits(x, **p), 1.7, output)
+    close_to_truth(ours, twin, *float64_truth(z, p, 1.7, output), 1e-6)
+
+
+def test_purify_kernel_large_vocab_and_top_k():
+    v = 151_936
+    transform = trained_like(LowRankTransform(v, 16), scale=1e-3)
+    p = params_of(transform)
+    z = awkward_logits(1, v, seed=3)
+    ours_v, ours_i = purify_triton(z, p, 1.0, "logprobs", top_k=20)
+    twin_v, twin_i = purify_reference(z, lambda x: affine_logits(x, **p), 1.0, "logprobs", top_k=20)
+    torch.testing.assert_close(ours_v, twin_v, rtol=1e-5, atol=1e-4)
+    assert torch.equal(ours_i, twin_i)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_purify_kernel_half_inputs(dtype, force):
+    transform = trained_like(DiagLowRankTransform(1000, 8), scale=0.01)
+    z = awkward_logits(17, 1000).to(dtype)
+    force("triton")
+    ours = purify(z, transform, output="logprobs")
+    force("torch")
+    twin = purify(z, transform, output="logprobs")
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), twin.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_offsets_past_2_to_the_31():
+    """Rows of a strided view whose element offsets pass 2³¹ (no 8 GB is touched)."""
+    v, stride = 1000, 2**30 + 7
+    base = torch.empty(2 * stride + v, dtype=torch.float16, device=DEVICE)
+    z = base.as_strided((3, v), (stride, 1))
+    z.copy_(random_logits(3, v).half())
+    assert z.storage_offset() + 2 * stride > 2**31
+    p = params_of(trained_like(LowRankTransform(v, 4), scale=0.01))
+    ours = purify_triton(z, p, 1.0, "logprobs")
+    twin = purify_reference(z.contiguous(), lambda x: affine_logits(x, **p), 1.0, "logprobs")
+    torch.testing.assert_close(ours.float(), twin.float(), rtol=0, atol=2e-3)
+
+
+def objective_and_grads(z, labels, transform, estimator, lams, tau, scale=1.0):
+    z = z.clone().requires_grad_(True)
+    loss, stats = anti_distillation_loss(
+        z, labels, transform, *lams, temperature=tau, estimator=estimator, return_stats=True
+    )
+    grads = torch.autograd.grad(scale * loss, [*transform.parameters(), z])
+    return loss.detach(), stats, grads
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+@pytest.mark.parametrize("estimator", ["exact", "streaming"])
+@pytest.mark.parametrize(
+    ("lams", "tau", "scale"), [((1.0, 1.0, 0.0), 1.0, 1.0), ((1.3, 0.7, 0.5), 1.7, -2.5)]
+)
+def test_objective_kernels_match_twin(family, estimator, lams, tau, scale, force):
+    v = 7 if family == "dense" else 1000
+    transform = trained_like(MAKERS[family](v), scale=0.02).to(DEVICE)
+    z = awkward_logits(17, v, seed=2)
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, -100, 3, 3, 4, 5, 5, 6, 1, 2, 4, 0], device=DEVICE) % v
+    labels[6] = -100
+    labels[0] = int(z[0].argmax())  # the only unmasked token of row 0
+    force("triton")
+    ours = objective_and_grads(z, labels, transform, estimator, lams, tau, scale)
+    force("torch")
+    twin = objective_and_grads(z, labels, transform, estimator, lams, tau, scale)
+    assert ours[0].item() == pytest.approx(twin[0].item(), rel=1e-5, abs=1e-5)
+    assert ours[1] == pytest.approx(twin[1], rel=1e-4, abs=1e-5)
+    for a, b in zip(ours[2], twin[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize(("n", "v"), [(1, 7), (3, 1), (17, 1000), (3, 49152)])
+def test_cmi_kernel_matches_twin(n, v, force):
+    z = awkward_logits(n, v, seed=5)
+    labels = (torch.arange(n, device=DEVICE) // 2) % v
+    force("triton")
+    ours = cmi(z, labels, temperature=1.5)
+    force("torch")
+    assert ours.item() == pytest.approx(cmi(z, labels, temperature=1.5).item(), rel=1e-5, abs=1e-6)
+
+
+def test_backend_selection(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("CMIGUARD_BACKEND", raising=False)
+    assert backend(cpu) == "torch"
+    monkeypatch.setenv("CMIGUARD_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="CMIGUARD_BACKEND must be one of"):
+        backend(cpu)
+    monkeypatch.setenv("CMIGUARD_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend(cpu)
