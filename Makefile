@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 as a local wheel; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,3 +23,7 @@ test: lint
 
 demo: install
 	$(BIN)/cmiguard demo
+
+bench: install
+	$(BIN)/python bench/report.py
+	$(BIN)/python -m pytest bench --benchmark-enable -q

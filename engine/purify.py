@@ -7,7 +7,6 @@ from torch import Tensor
 
 from cmiguard.kernels import backend
 from cmiguard.kernels.reference import (
-    affine_logits,
     centroid_sums,
     cmi_reference,
     label_groups,
@@ -32,7 +31,7 @@ def purify(
     With ``top_k`` returns ``(values, token_ids)`` of the k largest entries
     only, as a logprobs API does, without materialising the full output.
     """
-    check_logits(logits, transform.vocab_size)
+    has_mask = check_logits(logits, transform.vocab_size)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     tau = transform.temperature if temperature is None else float(temperature)
@@ -50,7 +49,7 @@ def purify(
 
         result = purify_triton(flat, params, tau, output, top_k)
     else:
-        result = purify_reference(flat, lambda z: affine_logits(z, **params), tau, output, top_k)
+        result = purify_reference(flat, params, tau, output, top_k, has_mask=has_mask)
     if top_k is not None:
         values, ids = result
         shape = (*logits.shape[:-1], top_k)

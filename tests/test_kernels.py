@@ -19,7 +19,7 @@ from cmiguard import (
 )
 from cmiguard.kernels import backend
 from cmiguard.kernels.purify import purify_triton
-from cmiguard.kernels.reference import affine_logits, purify_reference
+from cmiguard.kernels.reference import purify_reference
 from tests.conftest import random_logits, trained_like
 
 DEVICE = "cuda" if os.environ.get("CMIGUARD_TEST_COMPILED") else "cpu"
@@ -105,7 +105,7 @@ def test_purify_kernel_matches_twin(family, n, v, output):
     p = params_of(transform)
     z = awkward_logits(n, v)
     ours = purify_triton(z, p, 1.7, output)
-    twin = purify_reference(z, lambda x: affine_logits(x, **p), 1.7, output)
+    twin = purify_reference(z, p, 1.7, output)
     close_to_truth(ours, twin, *float64_truth(z, p, 1.7, output), 1e-6)
 
 
@@ -115,7 +115,7 @@ def test_purify_kernel_large_vocab_and_top_k():
     p = params_of(transform)
     z = awkward_logits(1, v, seed=3)
     ours_v, ours_i = purify_triton(z, p, 1.0, "logprobs", top_k=20)
-    twin_v, twin_i = purify_reference(z, lambda x: affine_logits(x, **p), 1.0, "logprobs", top_k=20)
+    twin_v, twin_i = purify_reference(z, p, 1.0, "logprobs", top_k=20)
     torch.testing.assert_close(ours_v, twin_v, rtol=1e-5, atol=1e-4)
     assert torch.equal(ours_i, twin_i)
 
@@ -141,7 +141,7 @@ def test_offsets_past_2_to_the_31():
     assert z.storage_offset() + 2 * stride > 2**31
     p = params_of(trained_like(LowRankTransform(v, 4), scale=0.01))
     ours = purify_triton(z, p, 1.0, "logprobs")
-    twin = purify_reference(z.contiguous(), lambda x: affine_logits(x, **p), 1.0, "logprobs")
+    twin = purify_reference(z.contiguous(), p, 1.0, "logprobs")
     torch.testing.assert_close(ours.float(), twin.float(), rtol=0, atol=2e-3)
 
 

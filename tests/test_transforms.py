@@ -48,16 +48,17 @@ def test_purify_outputs_match_definitions():
     assert torch.equal(ids, want_i)
 
 
-def test_chunking_does_not_change_the_result():
-    z = random_logits(33, 129)
-    t = trained_like(DiagLowRankTransform(129, 4))
-
-    def fn(x):
-        return affine_logits(x, **{k: p.detach() for k, p in t.kernel_params().items()})
-
-    whole = purify_reference(z, fn, 1.5, "logprobs", chunk_rows=33)
-    rowwise = purify_reference(z, fn, 1.5, "logprobs", chunk_rows=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunking_does_not_change_the_result(dtype):
+    z = random_logits(33, 129).to(dtype)
+    z[4, 7] = float("-inf")
+    p = trained_like(DiagLowRankTransform(129, 4)).kernel_params()
+    whole = purify_reference(z, p, 1.5, "logprobs", chunk_rows=33)
+    rowwise = purify_reference(z, p, 1.5, "logprobs", chunk_rows=1)
+    assert whole.dtype == dtype
     torch.testing.assert_close(whole, rowwise, rtol=0, atol=1e-6)
+    direct = affine_logits(z, **p).detach().div(1.5).log_softmax(-1).to(dtype)
+    torch.testing.assert_close(whole, direct, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_logits_stay_masked_and_extremes_are_finite():

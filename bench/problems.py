@@ -1,0 +1,99 @@
+"""Benchmark problems and the three implementations compared side by side.
+
+``ours``: cmiguard's public API (Triton kernels on CUDA, the chunked torch
+twins on CPU). ``eager``: the naive torch composition a user would write.
+``compile``: that composition under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import cmiguard
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "purify" or "train"
+    n: int
+    v: int
+    rank: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} N={self.n} V={self.v} r={self.rank}"
+
+
+def make_inputs(case: Case, device: str, dtype: torch.dtype = torch.float32):
+    """Teacher-like logits, repeating labels and a trained-looking low-rank transform."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    z = (torch.randn(case.n, case.v, generator=gen) * 3).to(device=device, dtype=dtype)
+    labels = torch.randint(0, max(1, case.n // 8), (case.n,), generator=gen).to(device)
+    t = cmiguard.LowRankTransform(case.v, case.rank).to(device)
+    with torch.no_grad():
+        t.b.normal_(0, 1e-4)
+    return z, labels, t
+
+
+def naive_purify(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return (z + (z @ a) @ b.t()).log_softmax(-1)
+
+
+def naive_objective(z: Tensor, labels: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``CMI + CE`` through plain autograd (in-batch centroids)."""
+    t = z + (z @ a) @ b.t()
+    logp = t.log_softmax(-1)
+    p = logp.exp()
+    uniq, inv, counts = labels.unique(return_inverse=True, return_counts=True)
+    sums = torch.zeros(uniq.numel(), z.shape[1], device=z.device, dtype=p.dtype).index_add(
+        0, inv, p
+    )
+    log_q = (sums / counts[:, None]).clamp_min(1e-38).log()
+    cmi = (p * (logp - log_q[inv])).sum(-1).mean()
+    ce = torch.nn.functional.nll_loss(logp, labels)
+    return cmi + ce
+
+
+def implementations(case: Case, z, labels, t) -> dict[str, Callable[[], object]]:
+    """Zero-argument callables, one per implementation, doing one purify or one step."""
+    a, b = t.a, t.b
+    if case.op == "purify":
+        compiled = torch.compile(naive_purify, dynamic=True)
+
+        def ours():
+            return cmiguard.purify(z, t, output="logprobs")
+
+        def eager():
+            with torch.no_grad():
+                return naive_purify(z, a, b)
+
+        def comp():
+            with torch.no_grad():
+                return compiled(z, a, b)
+
+        return {"ours": ours, "eager": eager, "compile": comp}
+
+    compiled = torch.compile(naive_objective, dynamic=True)
+
+    def ours():
+        loss = cmiguard.anti_distillation_loss(z, labels, t)
+        loss.backward()
+
+    def eager():
+        naive_objective(z, labels, a, b).backward()
+
+    def comp():
+        compiled(z, labels, a, b).backward()
+
+    return {"ours": ours, "eager": eager, "compile": comp}
+
+
+def min_bytes(case: Case, elem: int = 4) -> int:
+    """Traffic no implementation can avoid, plus A and B: purify reads the logits
+    and writes the output; a training step reads them in the forward and again
+    in the backward (it keeps no [N, V] state in between)."""
+    return 2 * case.n * case.v * elem + 2 * case.v * case.rank * 4
