@@ -126,6 +126,30 @@ def cmd_purify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fold(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.models import fold_into_lm_head, load_teacher
+
+    if args.model == "teacher":
+        model, tokenizer = load_teacher()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError):
+            tokenizer = None
+    rows = model.get_output_embeddings().weight.shape[0]
+    fingerprint = vocab_fingerprint(tokenizer) if tokenizer is not None else None
+    transform = load_transform(args.transform, vocab_size=rows, vocab_fingerprint=fingerprint)
+    fold_into_lm_head(model, transform).save_pretrained(args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    print(f"folded model written to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cmiguard.demo import DemoConfig, run_demo
 
@@ -185,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--block-rows", type=int, default=1024)
     p.set_defaults(func=cmd_purify)
+
+    p = sub.add_parser("fold", help="fold a transform into a model's LM head and save it")
+    p.add_argument(
+        "--model", default="teacher", help="a transformers checkpoint folder, or 'teacher'"
+    )
+    p.add_argument("--transform", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     p.add_argument("--articles", type=int, default=96)

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from cmiguard import LowRankTransform, fold_into_lm_head, purify, save_transform
+from cmiguard.cli import main
+from cmiguard.generation import PurifyLogitsProcessor, generate_purified
+from cmiguard.models import tiny_model
+from tests.conftest import trained_like
+
+
+def test_generate_scores_and_logits_are_purified():
+    model = tiny_model(128)
+    transform = trained_like(LowRankTransform(128, 4, temperature=1.5), scale=0.05)
+    ids = torch.randint(0, 128, (3, 5))
+    out = generate_purified(
+        model, transform, input_ids=ids, max_new_tokens=6, do_sample=False,
+        return_dict_in_generate=True, output_scores=True, output_logits=True, pad_token_id=0,
+    )  # fmt: skip
+    raw = model.generate(
+        input_ids=out.sequences[:, :-1], max_new_tokens=1, do_sample=False,
+        return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+    )  # fmt: skip
+    # the last step's logits, recomputed raw, purify to what generate returned
+    torch.testing.assert_close(
+        out.logits[-1], purify(raw.logits[0], transform), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(out.scores[-1], out.logits[-1], rtol=1e-5, atol=1e-5)
+    # greedy decoding on the folded model picks the same tokens
+    folded = fold_into_lm_head(tiny_model(128), transform)
+    same = folded.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(same, out.sequences)
+
+
+def test_padded_vocabulary_is_masked():
+    transform = LowRankTransform(100, 2)
+    scores = torch.randn(2, 128)
+    out = PurifyLogitsProcessor(transform)(None, scores)
+    assert torch.isneginf(out[:, 100:]).all()
+    torch.testing.assert_close(out[:, :100], scores[:, :100])
+    with pytest.raises(ValueError, match="fewer than"):
+        PurifyLogitsProcessor(transform)(None, torch.randn(2, 50))
+
+
+def test_fold_command_writes_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(128)
+    model.save_pretrained(tmp_path / "model")
+    transform = trained_like(LowRankTransform(128, 4), scale=0.05)
+    save_transform(transform, tmp_path / "t.safetensors")
+    argv = [
+        "fold",
+        "--model",
+        str(tmp_path / "model"),
+        "--transform",
+        str(tmp_path / "t.safetensors"),
+    ]
+    assert main([*argv, "--out", str(tmp_path / "folded")]) == 0
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded")
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        want = purify(model(ids).logits, transform)
+        torch.testing.assert_close(folded(ids).logits, want, rtol=1e-4, atol=1e-4)
+    save_transform(LowRankTransform(64, 2), tmp_path / "other.safetensors")
+    bad = [
+        "fold",
+        "--model",
+        str(tmp_path / "model"),
+        "--transform",
+        str(tmp_path / "other.safetensors"),
+    ]
+    assert main([*bad, "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.teacher
+def test_real_teacher_generate_keeps_the_greedy_answer(teacher):
+    model, tokenizer = teacher
+    transform = LowRankTransform(model.config.vocab_size, 32, temperature=3.0)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    raw = model.generate(ids, max_new_tokens=4, do_sample=False)
+    out = generate_purified(model, transform, input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, raw)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
