@@ -150,6 +150,42 @@ def cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.models import load_teacher
+    from cmiguard.server import ServerConfig, create_app
+
+    if args.model == "teacher":
+        model, tokenizer = load_teacher()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    transform = None
+    if args.transform:
+        rows = model.get_output_embeddings().weight.shape[0]
+        transform = load_transform(
+            args.transform, vocab_size=rows, vocab_fingerprint=vocab_fingerprint(tokenizer)
+        )
+    elif not args.unprotected:
+        raise ValueError(
+            "no --transform: serve a folded checkpoint with --unprotected, or pass --transform"
+        )
+    config = ServerConfig(
+        model_name=args.name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        timeout_s=args.timeout,
+    )
+    uvicorn.run(create_app(model, tokenizer, transform, config), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cmiguard.demo import DemoConfig, run_demo
 
@@ -217,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transform", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with purified logprobs")
+    p.add_argument(
+        "--model", default="teacher", help="a transformers checkpoint folder, or 'teacher'"
+    )
+    p.add_argument("--transform", default=None, help="transform applied to every step's logits")
+    p.add_argument(
+        "--unprotected",
+        action="store_true",
+        help="serve without a transform (for a folded checkpoint, or to measure overhead)",
+    )
+    p.add_argument("--name", default="smollm2-135m-cmiguard", help="the model id clients ask for")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     p.add_argument("--articles", type=int, default=96)

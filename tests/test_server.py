@@ -1,0 +1,145 @@
+"""The real openai client against a local ``cmiguard serve`` app (tiny model, real tokenizer)."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from cmiguard import LowRankTransform
+from cmiguard.models import tiny_model
+from cmiguard.server import ServerConfig, create_app
+
+KEY = "test-key"
+TAU = 2.5
+
+
+@pytest.fixture(scope="module")
+def server(teacher):
+    import uvicorn
+
+    _, tokenizer = teacher
+    model = tiny_model(tokenizer.vocab_size if len(tokenizer) <= 49152 else len(tokenizer))
+    transform = LowRankTransform(model.config.vocab_size, 4, temperature=TAU)
+    config = ServerConfig("tiny", api_key=KEY, max_prompt_tokens=64, max_new_tokens=8, max_batch=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(model, tokenizer, transform, config),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if uv.started:
+            break
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}/v1", "model": model, "tokenizer": tokenizer}
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
+
+
+def raw_next_logprobs(server, text):
+    ids = server["tokenizer"].encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        return server["model"](torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+
+
+def test_completions_return_purified_logprobs(server):
+    out = client(server).completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=3, logprobs=5, temperature=0
+    )
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.top_logprobs[0]) == 5
+    raw = raw_next_logprobs(server, "The capital of France is")
+    purified = (raw * 1.0 / TAU).log_softmax(-1)  # identity low-rank part, temperature TAU
+    top_token = max(lp.top_logprobs[0], key=lp.top_logprobs[0].get)
+    assert top_token == server["tokenizer"].decode([int(raw.argmax())])
+    assert lp.token_logprobs[0] == pytest.approx(float(purified.max()), abs=1e-4)
+    assert lp.token_logprobs[0] != pytest.approx(float(raw.max()), abs=1e-3)
+
+
+def test_chat_completions_with_top_logprobs(server):
+    out = client(server).chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        logprobs=True,
+        top_logprobs=3,
+        temperature=0,
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == 2 and len(content[0].top_logprobs) == 3
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)
+    assert out.usage.completion_tokens == 2
+
+
+def test_32_concurrent_clients_all_answer(server):
+    c = client(server)
+
+    def ask(i):
+        return c.completions.create(
+            model="tiny", prompt=f"Number {i} is", max_tokens=4, logprobs=2, temperature=0
+        )
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert len(answers) == 32
+    assert all(len(a.choices[0].logprobs.tokens) == 4 for a in answers)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_request"),
+        (b'{"model": "tiny"}', 400, "invalid_request"),
+        (b'{"model": "gpt-9", "prompt": "x"}', 404, "model_not_found"),
+        (b'{"model": "tiny", "prompt": "x", "logprobs": -1}', 400, "invalid_request"),
+        (b'{"model": "tiny", "prompt": "x", "logprobs": 21}', 400, "invalid_request"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": 999}', 400, "max_tokens_too_large"),
+        (b'{"model": "tiny", "prompt": "' + b"word " * 200 + b'"}', 400, "context_length_exceeded"),
+    ],
+)
+def test_bad_requests_get_4xx(server, body, status, code):
+    r = httpx.post(
+        f"{server['url']}/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_chat_rejects_negative_top_logprobs_and_auth_is_required(server):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "x"}],
+        "logprobs": True,
+        "top_logprobs": -2,
+    }
+    r = httpx.post(
+        f"{server['url']}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 400
+    r = httpx.post(f"{server['url']}/completions", json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 401
+    r = httpx.post(
+        f"{server['url']}/completions",
+        content=b"x" * (2 << 20),
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 413
