@@ -81,3 +81,13 @@ def test_real_teacher_generate_keeps_the_greedy_answer(teacher):
     out = generate_purified(model, transform, input_ids=ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, raw)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_vllm_adapter_says_what_to_install_without_vllm():
+    import importlib.util
+    import sys
+
+    assert importlib.util.find_spec("vllm") is None  # cmiguard does not install vLLM
+    sys.modules.pop("cmiguard.vllm_adapter", None)
+    with pytest.raises(ImportError, match="pip install vllm.*cmiguard fold"):
+        import cmiguard.vllm_adapter  # noqa: F401
