@@ -24,7 +24,7 @@ from torch import Tensor
 from cmiguard.kernels.config import launch_config
 from cmiguard.kernels.purify import project
 from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
-from cmiguard.kernels.tile import finish_lse, online_lse, transform_tile
+from cmiguard.kernels.tile import finish_lse, load_tile, online_lse, transform_tile
 
 # columns of the [N, 8] row statistics
 LSE_TAU, LSE_T, LSE_Z, NEG_ENTROPY, CROSS, LABEL_LOGIT, KL = range(7)
@@ -76,32 +76,12 @@ def stats_kernel(
         s3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            t = transform_tile(
-                x_ptr,
-                u_ptr,
-                b_ptr,
-                scale_ptr,
-                bias_ptr,
-                rows,
-                cols,
-                N,
-                V,
-                stride_x,
-                R,
-                HAS_LOWRANK,
-                HAS_SCALE,
-                HAS_BIAS,
-                BLOCK_R,
-            )
+            t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
             m1, s1 = online_lse(m1, s1, t * inv_tau)
             m2, s2 = online_lse(m2, s2, t)
             if NEED_KL:
                 ok = row_ok[:, None] & (cols[None, :] < V)
-                zt = tl.load(
-                    z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
-                    mask=ok,
-                    other=float("-inf"),
-                ).to(tl.float32)
+                zt = load_tile(z_ptr, rows, cols, N, V, stride_z, float("-inf"))
                 m3, s3 = online_lse(m3, s3, zt)
         lse_tau = finish_lse(m1, s1)
         lse_t = finish_lse(m2, s2)
@@ -116,23 +96,7 @@ def stats_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols[None, :] < V)
-        t = transform_tile(
-            x_ptr,
-            u_ptr,
-            b_ptr,
-            scale_ptr,
-            bias_ptr,
-            rows,
-            cols,
-            N,
-            V,
-            stride_x,
-            R,
-            HAS_LOWRANK,
-            HAS_SCALE,
-            HAS_BIAS,
-            BLOCK_R,
-        )
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
         logp = t * inv_tau - lse_tau[:, None]
         p = tl.exp(logp)
         live = p > 0
@@ -140,11 +104,7 @@ def stats_kernel(
             neg_entropy += tl.sum(tl.where(live, p * logp, 0.0), axis=1)
             label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], t, 0.0), axis=1)
             if NEED_KL:
-                zt = tl.load(
-                    z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
-                    mask=ok,
-                    other=float("-inf"),
-                ).to(tl.float32)
+                zt = load_tile(z_ptr, rows, cols, N, V, stride_z, float("-inf"))
                 log_q = zt - lse_z[:, None]
                 q = tl.exp(log_q)
                 kl += tl.sum(tl.where(q > 0, q * (log_q - (t - lse_t[:, None])), 0.0), axis=1)
@@ -216,23 +176,7 @@ def grad_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         ok = row_ok[:, None] & col_ok[None, :]
-        t = transform_tile(
-            x_ptr,
-            u_ptr,
-            b_ptr,
-            scale_ptr,
-            bias_ptr,
-            rows,
-            cols,
-            N,
-            V,
-            stride_x,
-            R,
-            HAS_LOWRANK,
-            HAS_SCALE,
-            HAS_BIAS,
-            BLOCK_R,
-        )
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
         logp = t * inv_tau - lse_tau[:, None]
         p = tl.exp(logp)
         cmi_ok = ok & (g[:, None] >= 0)
@@ -244,19 +188,13 @@ def grad_kernel(
         grad += (w_ce + w_kl)[:, None] * tl.exp(t - lse_t[:, None])
         grad -= tl.where(cols[None, :] == y[:, None], w_ce[:, None], 0.0)
         if NEED_KL:
-            zt = tl.load(
-                z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
-                mask=ok,
-                other=float("-inf"),
-            ).to(tl.float32)
+            zt = load_tile(z_ptr, rows, cols, N, V, stride_z, float("-inf"))
             grad -= w_kl[:, None] * tl.exp(zt - lse_z[:, None])
         grad = tl.where(ok, grad, 0.0)
         if WRITE_GRAD:
             tl.store(grad_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], grad, mask=ok)
         if HAS_SCALE:
-            x = tl.load(
-                x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0
-            ).to(tl.float32)
+            x = load_tile(x_ptr, rows, cols, N, V, stride_x, 0.0)
             x = tl.where(x == float("-inf"), 0.0, x)
             tl.atomic_add(grad_scale_ptr + cols, tl.sum(x * grad, axis=0), mask=col_ok)
         if HAS_BIAS:

@@ -48,26 +48,8 @@ def purify_kernel(
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        t = (
-            transform_tile(
-                x_ptr,
-                u_ptr,
-                b_ptr,
-                scale_ptr,
-                bias_ptr,
-                rows,
-                cols,
-                N,
-                V,
-                stride_x,
-                R,
-                HAS_LOWRANK,
-                HAS_SCALE,
-                HAS_BIAS,
-                BLOCK_R,
-            )
-            * inv_tau
-        )
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
+        t = t * inv_tau
         if LOGPROBS:
             m, s = online_lse(m, s, t)
         else:
@@ -78,27 +60,8 @@ def purify_kernel(
         tl.store(lse_ptr + rows, lse, mask=row_ok)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            t = (
-                transform_tile(
-                    x_ptr,
-                    u_ptr,
-                    b_ptr,
-                    scale_ptr,
-                    bias_ptr,
-                    rows,
-                    cols,
-                    N,
-                    V,
-                    stride_x,
-                    R,
-                    HAS_LOWRANK,
-                    HAS_SCALE,
-                    HAS_BIAS,
-                    BLOCK_R,
-                )
-                * inv_tau
-                - lse[:, None]
-            )
+            t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
+            t = t * inv_tau - lse[:, None]
             ok = row_ok[:, None] & (cols[None, :] < V)
             tl.store(out_rows + cols[None, :], t.to(out_ptr.dtype.element_ty), mask=ok)
 

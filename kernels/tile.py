@@ -31,12 +31,7 @@ def transform_tile(
 ):
     row_ok = rows < N
     col_ok = cols < V
-    ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(
-        x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
-        mask=ok,
-        other=float("-inf"),
-    ).to(tl.float32)
+    x = load_tile(x_ptr, rows, cols, N, V, stride_x, float("-inf"))
     masked = x == float("-inf")
     t = tl.where(masked, 0.0, x)
     if HAS_SCALE:
@@ -58,6 +53,14 @@ def transform_tile(
     if HAS_BIAS:
         t = t + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(masked, float("-inf"), t)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, N, V, stride, other):
+    """A ``[rows, cols]`` tile of a row-major ``[N, V]`` tensor as fp32 (64-bit offsets)."""
+    ok = (rows[:, None] < N) & (cols[None, :] < V)
+    tile = tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=ok, other=other)
+    return tile.to(tl.float32)
 
 
 @triton.jit
