@@ -186,6 +186,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.data import text_examples, wiki_summaries
+    from cmiguard.demo import DemoConfig, run_demo
+    from cmiguard.evaluation import QUICK_ATTACKS, EvalConfig, evaluate
+    from cmiguard.models import load_teacher
+    from cmiguard.report import write_evaluation
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    teacher, tokenizer = load_teacher()
+    if args.transform is None:
+        run_demo(DemoConfig(), out_dir=out, progress=not args.json)
+        args.transform = out / "transform.safetensors"
+    transform = load_transform(
+        args.transform, teacher.config.vocab_size, vocab_fingerprint(tokenizer)
+    )
+    articles, held, steps = (
+        (24, 8, 20) if args.quick else (args.articles, args.heldout_articles, args.steps)
+    )
+    calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
+    heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
+    config = EvalConfig(steps=steps, progress=not args.json)
+    if args.quick:
+        config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "temperature")
+    results = evaluate(teacher, transform, calibration, heldout, tokenizer.pad_token_id, config)
+    results["seconds"] = time.perf_counter() - start
+    write_evaluation(results, out)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print((out / "evaluation.md").read_text())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cmiguard.demo import DemoConfig, run_demo
 
@@ -274,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("evaluate", help="distil students with each attack, raw vs defended")
+    p.add_argument("--transform", default=None, help="default: train one as the demo does")
+    p.add_argument("--quick", action="store_true", help="3 attacks x 3 defenses, small data")
+    p.add_argument("--articles", type=int, default=192)
+    p.add_argument("--heldout-articles", type=int, default=32)
+    p.add_argument("--steps", type=int, default=150, help="training steps per student")
+    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     p.add_argument("--articles", type=int, default=96)
