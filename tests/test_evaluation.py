@@ -12,7 +12,11 @@ from tests.test_trainer import tiny_examples
 
 def run(transform):
     config = EvalConfig(
-        attacks=("forward_kl", "top5", "adaptive_retemper"), steps=3, batch_size=3, progress=False
+        attacks=("forward_kl", "top5", "adaptive_retemper"),
+        student_layers=1,
+        steps=3,
+        batch_size=3,
+        progress=False,
     )
     teacher = tiny_model(96, seed=0)
     return evaluate(teacher, transform, tiny_examples(8), tiny_examples(3, seed=9), 0, config)
