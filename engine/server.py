@@ -72,16 +72,31 @@ class Job:
 
 
 class CaptureLogits(LogitsProcessor):
-    """Purify (when a transform is set) and keep each step's log-probs for the reply."""
+    """Purify (when a transform is set) and keep what the reply needs of each
+    step: its top-``k`` log-probs, and the chosen token's log-prob once the next
+    step (or :meth:`settle` at the end) shows which token was chosen. Only one
+    step's ``[B, V]`` log-probs is ever held, not ``[B, steps, V]``."""
 
-    def __init__(self, transform: LogitTransform | None) -> None:
-        self.transform = transform
-        self.steps: list[Tensor] = []
+    def __init__(self, transform: LogitTransform | None, top_k: int) -> None:
+        self.transform, self.top_k = transform, top_k
+        self.last: Tensor | None = None
+        self.chosen: list[Tensor] = []  # per step, [B]
+        self.top: list[tuple[Tensor, Tensor]] = []  # per step, ([B, k], [B, k])
+
+    def settle(self, tokens: Tensor) -> None:
+        """Record the log-probs of ``tokens`` ([B]), the tokens the last step chose."""
+        if self.last is not None:
+            self.chosen.append(self.last.gather(1, tokens[:, None]).squeeze(1).cpu())
+            self.last = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.settle(input_ids[:, -1])
         if self.transform is not None:
             scores = purify_padded(scores, self.transform, None)
-        self.steps.append(torch.log_softmax(scores.float(), dim=-1))
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        if self.top_k:
+            values, ids = self.last.topk(self.top_k, dim=-1)
+            self.top.append((values.cpu(), ids.cpu()))
         return scores
 
 
@@ -107,12 +122,10 @@ class Engine:
         transform: LogitTransform | None,
         config: ServerConfig,
     ):
-        self.model, self.tokenizer, self.transform, self.config = (
-            model,
-            tokenizer,
-            transform,
-            config,
-        )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.config = config
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.worker: asyncio.Task | None = None
@@ -162,10 +175,10 @@ class Engine:
             ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[i, width - len(job.prompt_ids) :] = 1
         device = next(self.model.parameters()).device
-        capture = CaptureLogits(self.transform)
+        capture = CaptureLogits(self.transform, max(j.top_logprobs for j in batch))
         steps = max(j.max_tokens for j in batch)
         if steps == 0:
-            return [self._result(j, [], [], width, i, ids) for i, j in enumerate(batch)]
+            return [self._result(j, [], capture, i) for i, j in enumerate(batch)]
         temperature = batch[0].temperature
         if batch[0].seed is not None:
             torch.manual_seed(batch[0].seed)
@@ -181,27 +194,26 @@ class Engine:
             pad_token_id=self.pad_id,
             eos_token_id=None,
         )
+        capture.settle(out[:, -1])
         new = out[:, width:].cpu()
-        logps = torch.stack(capture.steps, dim=1).cpu()  # [B, steps, V]
-        return [self._result(j, new[i], logps[i], width, i, ids) for i, j in enumerate(batch)]
+        return [self._result(j, new[i], capture, i) for i, j in enumerate(batch)]
 
-    def _result(self, job: Job, tokens, logps, width, i, ids) -> dict[str, Any]:
+    def _result(self, job: Job, tokens, capture: CaptureLogits, row: int) -> dict[str, Any]:
+        """One request's reply from its row of the batch (top-k sorted, so its own
+        ``top_logprobs`` are the first of the batch's largest ``k``)."""
         tokens = [int(t) for t in tokens[: job.max_tokens]]
+        decode = self.tokenizer.decode
         entries = []
         for step, tok in enumerate(tokens):
-            row = logps[step]
-            top = row.topk(job.top_logprobs) if job.top_logprobs else None
+            top = []
+            if job.top_logprobs:
+                values, ids = capture.top[step]
+                pairs = zip(
+                    values[row, : job.top_logprobs], ids[row, : job.top_logprobs], strict=True
+                )
+                top = [(decode([int(t)]), float(v)) for v, t in pairs]
             entries.append(
-                {
-                    "token": self.tokenizer.decode([tok]),
-                    "logprob": float(row[tok]),
-                    "top": [
-                        (self.tokenizer.decode([int(t)]), float(v))
-                        for v, t in zip(*top, strict=True)
-                    ]
-                    if top is not None
-                    else [],
-                }
+                {"token": decode([tok]), "logprob": float(capture.chosen[step][row]), "top": top}
             )
         return {
             "text": self.tokenizer.decode(tokens),
