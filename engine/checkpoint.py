@@ -45,7 +45,6 @@ def save_transform(
     transform: LogitTransform,
     path: str | os.PathLike,
     vocab_fingerprint: str = "",
-    extra: dict[str, str] | None = None,
 ) -> None:
     """Write ``transform`` as safetensors with the metadata :func:`load_transform` checks."""
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in transform.state_dict().items()}
@@ -58,7 +57,6 @@ def save_transform(
         "temperature": repr(transform.temperature),
         "bias": str(getattr(transform, "bias", None) is not None),
         "vocab_fingerprint": vocab_fingerprint,
-        **(extra or {}),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -112,9 +110,7 @@ def load_transform(
         )
     family = metadata["family"]
     kwargs: dict[str, Any] = {"temperature": float(metadata["temperature"])}
-    if family == "lowrank":
-        kwargs["bias"] = metadata.get("bias") == "True"
-    if family == "dense":
+    if family in ("lowrank", "dense"):  # diag_lowrank always has its bias
         kwargs["bias"] = metadata.get("bias") == "True"
     transform = make_transform(family, file_vocab, int(metadata["rank"]), **kwargs)
     try:

@@ -77,6 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_purify(args: argparse.Namespace) -> int:
+    import torch
+
     from cmiguard.checkpoint import load_transform
     from cmiguard.purify import purify
     from cmiguard.shards import LogitsShard, write_streamed
@@ -94,25 +96,19 @@ def cmd_purify(args: argparse.Namespace) -> int:
             )
         target = out_dir / shard.path.name
         if args.top_k:
-            ids = []
-
-            def values(shard=shard, ids=ids):
-                for block in shard.blocks(args.block_rows):
-                    v, i = purify(block, transform, args.temperature, args.output, args.top_k)
-                    ids.append(i)
-                    yield v
-
-            # ids are small ([N, k]); they are written after the values stream.
-            gen = values()
-            first = list(gen)
-            import torch
-
+            # values and ids are [N, k]: small, so both are written once the shard is done
+            pairs = [
+                purify(block, transform, args.temperature, args.output, args.top_k)
+                for block in shard.blocks(args.block_rows)
+            ]
+            values = torch.cat([v for v, _ in pairs])
+            ids = torch.cat([i for _, i in pairs])
             write_streamed(
                 target,
-                (shard.shape[0], args.top_k),
-                shard.dtype,
-                iter(first),
-                extra={"ids": torch.cat(ids)},
+                tuple(values.shape),
+                values.dtype,
+                iter([values]),
+                extra={"ids": ids},
                 on_block=bar.update,
                 name="values",
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,6 @@ class EvalConfig:
     noise_std: float = 1.0
     seed: int = 0
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def defense_fn(
@@ -72,7 +71,7 @@ def defense_fn(
     if name == "noise":
         gen = torch.Generator().manual_seed(config.seed)
         return lambda z: torch.log_softmax(
-            z.float() + config.noise_std * torch.randn(z.shape, generator=gen), -1
+            z.float() + config.noise_std * torch.randn(z.shape, generator=gen).to(z.device), -1
         )
     raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
 
@@ -80,7 +79,7 @@ def defense_fn(
 def _keep_top(z: Tensor, k: int) -> Tensor:
     """Log-probs renormalised over the top ``k`` tokens, ``-inf`` elsewhere."""
     values, ids = z.float().topk(k, dim=-1)
-    out = torch.full(z.shape, float("-inf"))
+    out = torch.full(z.shape, float("-inf"), device=z.device)
     return out.scatter_(1, ids, values - values.logsumexp(-1, keepdim=True))
 
 
@@ -185,15 +184,15 @@ def evaluate(
     results["hard_label_floor"] = score(floor, heldout, pad)["accuracy"]
     top1 = train_student(template, cached, None, {}, config, hard_labels=True, desc="top-1 student")
     results["top1_student"] = score(top1, heldout, pad)["accuracy"]
-    teacher_scores = score(teacher, heldout, pad)
-    results["teacher_accuracy_raw"] = teacher_scores["accuracy"]
-    correct = total = 0
+    raw_ok = purified_ok = total = 0  # one teacher pass scores both
     with torch.no_grad():
         for b in batches(heldout, 8, pad):
-            z = purify(logits_rows(teacher, b.input_ids, b.attention_mask, b.rows), transform)
-            correct += int((z.argmax(-1) == b.labels).sum())
+            z = logits_rows(teacher, b.input_ids, b.attention_mask, b.rows)
+            raw_ok += int((z.argmax(-1) == b.labels).sum())
+            purified_ok += int((purify(z, transform).argmax(-1) == b.labels).sum())
             total += b.labels.numel()
-    results["teacher_accuracy_purified"] = correct / total
+    results["teacher_accuracy_raw"] = raw_ok / total
+    results["teacher_accuracy_purified"] = purified_ok / total
     sample = cached[:8]
     sample_labels = torch.cat([b.labels for b in sample])
     for d in config.defenses:

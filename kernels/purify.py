@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cmiguard.kernels.config import launch_config
+from cmiguard.kernels.reference import affine_logits, row_chunks
 from cmiguard.kernels.tile import finish_lse, next_pow2, online_lse, project_kernel, transform_tile
 
 
@@ -84,8 +85,6 @@ def transform_operands(z: Tensor, params: dict[str, Tensor | None]) -> dict[str,
     """What the kernels take for a transform: ``x`` (z, or the dense product),
     ``u = z A`` and the per-column tensors, all contiguous fp32 except ``x``."""
     if params.get("weight") is not None:
-        from cmiguard.kernels.reference import affine_logits
-
         return {"x": affine_logits(z, weight=params["weight"], bias=params.get("bias"))}
     ops: dict[str, object] = {"x": z}
     if params.get("a") is not None:
@@ -151,10 +150,8 @@ def purify_triton(
     n, v = z.shape
     values = torch.empty(n, top_k, dtype=z.dtype, device=z.device)
     ids = torch.empty(n, top_k, dtype=torch.long, device=z.device)
-    step = chunk_rows or max(1, (64 << 20) // (4 * v))
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        block = torch.empty(rows.stop - start, v, dtype=torch.float32, device=z.device)
+    for rows in row_chunks(n, v, chunk_rows):
+        block = torch.empty(rows.stop - rows.start, v, dtype=torch.float32, device=z.device)
         launch_purify(transform_operands(z[rows], params), block, temperature, logprobs)
         top_values, top_ids = block.topk(top_k, dim=-1)
         values[rows], ids[rows] = top_values.to(z.dtype), top_ids
