@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -183,21 +184,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import time
-
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
     from cmiguard.data import text_examples, wiki_summaries
     from cmiguard.demo import DemoConfig, run_demo
-    from cmiguard.evaluation import QUICK_ATTACKS, EvalConfig, evaluate
+    from cmiguard.evaluation import ATTACKS, DEFENSES, QUICK_ATTACKS, EvalConfig, evaluate
     from cmiguard.models import load_teacher
-    from cmiguard.report import write_evaluation
 
-    start = time.perf_counter()
     out = Path(args.out)
     teacher, tokenizer = load_teacher()
     if args.transform is None:
-        run_demo(DemoConfig(), out_dir=out, progress=not args.json)
         args.transform = out / "transform.safetensors"
+        if not args.transform.exists():  # a resumed run keeps the transform it started with
+            run_demo(DemoConfig(), out_dir=out, progress=not args.json)
     transform = load_transform(
         args.transform, teacher.config.vocab_size, vocab_fingerprint(tokenizer)
     )
@@ -206,18 +204,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
     heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
-    config = EvalConfig(steps=steps, progress=not args.json)
+    config = EvalConfig(steps=steps, seed=args.seed, progress=not args.json)
     if args.quick:  # a smoke run inside 10 minutes on 2 cores, not a finding
         config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "temperature")
         config.batch_size = 4
-    results = evaluate(teacher, transform, calibration, heldout, tokenizer.pad_token_id, config)
-    results["seconds"] = time.perf_counter() - start
-    write_evaluation(results, out)
+    if args.attacks:
+        config.attacks = tuple(_known(args.attacks, ATTACKS, "attack"))
+    if args.defenses:
+        config.defenses = tuple(_known(args.defenses, DEFENSES, "defense"))
+    results = evaluate(
+        teacher, transform, calibration, heldout, tokenizer.pad_token_id, config, out
+    )
     if args.json:
         print(json.dumps(results))
     else:
         print((out / "evaluation.md").read_text())
     return 0
+
+
+def _known(names: str, known: Sequence[str], what: str) -> list[str]:
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -314,8 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="3 attacks x 3 defenses, small data")
     p.add_argument("--articles", type=int, default=192)
     p.add_argument("--heldout-articles", type=int, default=32)
-    p.add_argument("--steps", type=int, default=150, help="training steps per student")
-    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--steps", type=int, default=60, help="training steps per student")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attacks", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--defenses", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--out", default="runs/evaluate", help="a rerun into the same folder resumes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -11,15 +11,26 @@ attack). The floor is a student trained on the ground truth alone (SFT).
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cmiguard.attacks import DIVERGENCES, distillation_loss, retemper
+from cmiguard.attacks import (
+    DIVERGENCES,
+    distillation_loss,
+    fit_linear_inverse,
+    fit_temperature,
+    floor_truncated,
+    retemper,
+)
 from cmiguard.data import Example, batches
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.models import logits_rows, truncated_copy
@@ -31,7 +42,8 @@ ATTACKS |= {
     "top5": {"attack": "forward_kl", "top_k": 5},
     "top20": {"attack": "forward_kl", "top_k": 20},
     "kd_t2": {"attack": "forward_kl", "temperature": 2.0},
-    "adaptive_retemper": {"attack": "forward_kl", "retemper": True},
+    "adaptive_retemper": {"attack": "forward_kl", "adaptive": "retemper"},
+    "adaptive_linear": {"attack": "forward_kl", "adaptive": "linear"},
 }
 QUICK_ATTACKS = ("forward_kl", "reverse_kl", "top5")
 DEFENSES = ("no_defense", "cmiguard", "temperature", "top1_only", "top5_truncation", "noise")
@@ -49,9 +61,19 @@ class EvalConfig:
     lr: float = 5e-4
     alpha: float = 0.5
     sharpen_temperature: float = 0.5
-    noise_std: float = 1.0
+    noise_std: float = 0.5
+    # the adaptive attackers fit on this many of their training batches
+    oracle_batches: int = 2
     seed: int = 0
+    # torch.compile the loss: 3-7x faster on CPU over a 49k vocabulary, ~15 s to compile
+    compile_loss: bool = True
     progress: bool = True
+
+    def key(self) -> dict:
+        """What a resumed run must match: every setting that changes a cell's
+        number (cells are independent, so attacks and defenses can be added)."""
+        skip = ("attacks", "defenses", "progress")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def defense_fn(
@@ -111,6 +133,25 @@ def cache_teacher(
     return out
 
 
+def attacker_view(
+    defend: Callable[[Tensor], Tensor], spec: dict, cached: list[CachedBatch], config: EvalConfig
+) -> tuple[Callable[[Tensor], Tensor], float | None]:
+    """What the attacker distils from: the defended log-probs after its adaptive
+    step (fitted on its first ``oracle_batches`` batches), truncated outputs
+    floored so every divergence stays finite. Also the fitted temperature."""
+    fit = cached[: config.oracle_batches]
+    adaptive = spec.get("adaptive")
+    if adaptive is None:
+        return lambda z: floor_truncated(defend(z)), None
+    seen = torch.cat([defend(b.teacher_logits.float()) for b in fit])
+    if adaptive == "retemper":
+        tau = fit_temperature(seen, torch.cat([b.labels for b in fit]))
+        return lambda z: floor_truncated(retemper(defend(z), tau)), tau
+    raw = torch.cat([b.teacher_logits.float() for b in fit])
+    invert = fit_linear_inverse(seen, raw)
+    return lambda z: floor_truncated(invert(defend(z))), None
+
+
 def train_student(
     template: nn.Module,
     cached: list[CachedBatch],
@@ -122,9 +163,11 @@ def train_student(
 ) -> nn.Module:
     """One student: ``steps`` AdamW steps over the cached batches (cycled).
 
-    ``target=None`` trains on the ground truth only (SFT); ``hard_labels``
+    ``target`` maps the teacher's logits to the log-probs the attacker learns
+    from; ``None`` trains on the ground truth only (SFT); ``hard_labels``
     replaces the labels with the teacher's top-1 tokens (SFT on them).
     """
+    loss_fn = _compiled_loss() if config.compile_loss else distillation_loss
     torch.manual_seed(config.seed)
     student = copy.deepcopy(template).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
@@ -135,12 +178,9 @@ def train_student(
         if target is None:
             loss = torch.nn.functional.cross_entropy(s.float(), labels, ignore_index=IGNORE_INDEX)
         else:
-            seen = target(b.teacher_logits.float())
-            if spec.get("retemper"):
-                seen = retemper(seen, spec["retemper_tau"])
-            loss = distillation_loss(
+            loss = loss_fn(
                 s,
-                seen,
+                target(b.teacher_logits.float()),
                 labels,
                 spec["attack"],
                 config.alpha,
@@ -151,6 +191,11 @@ def train_student(
         loss.backward()
         optimizer.step()
     return student.eval().requires_grad_(False)
+
+
+@functools.cache
+def _compiled_loss() -> Callable[..., Tensor]:
+    return torch.compile(distillation_loss, dynamic=True)
 
 
 @torch.no_grad()
@@ -175,41 +220,117 @@ def evaluate(
     heldout: Sequence[Example],
     pad: int,
     config: EvalConfig,
+    out: Path | None = None,
 ) -> dict:
-    """Students per (attack, defense), the SFT floor, the top-1 student and the teacher."""
+    """Students per (attack, defense), the SFT floor, the top-1 student and the teacher.
+
+    With ``out``, the report (``evaluation.{json,md,png}``) is rewritten after
+    every student, and a rerun into the same folder with the same config picks
+    up where the last one stopped. Defenses are the outer loop so a stopped run
+    has whole columns; ``seconds`` adds up the time of every run.
+    """
+    from cmiguard.report import write_evaluation
+
+    start = time.perf_counter()
+    data = {"calibration_examples": len(calibration), "heldout_examples": len(heldout)}
+    results = _resume(out, config, transform, data)
+    spent = results["seconds"]
     cached = cache_teacher(teacher, calibration, pad, config)
     template = truncated_copy(teacher, config.student_layers)
-    results: dict = {"attacks": {}, "perplexity": {}, "cmi": {}}
-    floor = train_student(template, cached, None, {}, config, desc="SFT floor")
-    results["hard_label_floor"] = score(floor, heldout, pad)["accuracy"]
-    top1 = train_student(template, cached, None, {}, config, hard_labels=True, desc="top-1 student")
-    results["top1_student"] = score(top1, heldout, pad)["accuracy"]
-    raw_ok = purified_ok = total = 0  # one teacher pass scores both
+
+    def save() -> None:
+        results["seconds"] = spent + time.perf_counter() - start
+        for key in ("attacks", "perplexity"):  # configured order, whatever order they ran in
+            results[key] = {
+                a: {d: results[key][a][d] for d in config.defenses if d in results[key][a]}
+                for a in config.attacks
+                if a in results[key]
+            }
+        if out is not None:
+            write_evaluation(results, out)
+
+    if "hard_label_floor" not in results:
+        floor = train_student(template, cached, None, {}, config, desc="SFT floor")
+        results["hard_label_floor"] = score(floor, heldout, pad)["accuracy"]
+        top1 = train_student(
+            template, cached, None, {}, config, hard_labels=True, desc="top-1 student"
+        )
+        results["top1_student"] = score(top1, heldout, pad)["accuracy"]
+    if not set(config.defenses) <= set(results.get("cmi", {})):  # a resumed run may add some
+        new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config)
+        results |= new | {k: results.get(k, {}) | new[k] for k in ("teacher_accuracy", "cmi")}
+    cells = [(d, a) for d in config.defenses for a in config.attacks]
+    done = {(d, a) for a, row in results["attacks"].items() for d in row}
+    for d, a in tqdm(
+        [cell for cell in cells if cell not in done], desc="students", disable=not config.progress
+    ):
+        view, tau = attacker_view(defense_fn(d, transform, config), ATTACKS[a], cached, config)
+        student = train_student(template, cached, view, ATTACKS[a], config, desc=f"{a}/{d}")
+        s = score(student, heldout, pad)
+        results["attacks"].setdefault(a, {})[d] = s["accuracy"]
+        results["perplexity"].setdefault(a, {})[d] = s["perplexity"]
+        if tau is not None:
+            results["fitted_temperature"].setdefault(a, {})[d] = tau
+        save()
+    save()
+    return results
+
+
+def _resume(out: Path | None, config: EvalConfig, transform: LogitTransform, data: dict) -> dict:
+    fresh = {
+        "seconds": 0.0,
+        "config": config.key() | data,
+        "transform_temperature": float(transform.temperature),
+        "attacks": {},
+        "perplexity": {},
+        "fitted_temperature": {},
+    }
+    state = None if out is None else out / "evaluation.json"
+    if state is None or not state.exists():
+        return fresh
+    try:
+        old = json.loads(state.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{state} is not a readable evaluation ({err}); delete it") from err
+    for key in ("config", "transform_temperature"):
+        if old.get(key) != fresh[key]:
+            raise ValueError(
+                f"{state} holds a run with a different {key} ({old.get(key)} vs {fresh[key]}); "
+                "delete it or choose another output folder"
+            )
+    return old
+
+
+def _teacher_and_cmi(
+    teacher: nn.Module,
+    transform: LogitTransform,
+    cached: list[CachedBatch],
+    heldout: Sequence[Example],
+    pad: int,
+    config: EvalConfig,
+) -> dict:
+    """Held-out next-token accuracy of the argmax of each defense's output (one
+    teacher pass), and the CMI of what each defense hands out on 8 batches."""
+    names = dict.fromkeys(["no_defense", "cmiguard", *config.defenses])
+    fns = {d: defense_fn(d, transform, config) for d in names}
+    correct = dict.fromkeys(fns, 0)
+    total = 0
     with torch.no_grad():
         for b in batches(heldout, 8, pad):
             z = logits_rows(teacher, b.input_ids, b.attention_mask, b.rows)
-            raw_ok += int((z.argmax(-1) == b.labels).sum())
-            purified_ok += int((purify(z, transform).argmax(-1) == b.labels).sum())
+            for d, fn in fns.items():
+                correct[d] += int((fn(z).argmax(-1) == b.labels).sum())
             total += b.labels.numel()
-    results["teacher_accuracy_raw"] = raw_ok / total
-    results["teacher_accuracy_purified"] = purified_ok / total
+    accuracy = {d: c / total for d, c in correct.items()}
     sample = cached[:8]
-    sample_labels = torch.cat([b.labels for b in sample])
-    for d in config.defenses:
-        fn = defense_fn(d, transform, config)
-        seen = torch.cat([fn(b.teacher_logits.float()) for b in sample])
-        results["cmi"][d] = float(cmi(seen, sample_labels))
-    # the adaptive attacker knows each defense's temperature and undoes it
-    known_tau = {"cmiguard": transform.temperature, "temperature": config.sharpen_temperature}
-    for a in config.attacks:
-        results["attacks"][a] = {}
-        results["perplexity"][a] = {}
-        for d in config.defenses:
-            spec = dict(ATTACKS[a], retemper_tau=known_tau.get(d, 1.0))
-            student = train_student(
-                template, cached, defense_fn(d, transform, config), spec, config, desc=f"{a}/{d}"
-            )
-            s = score(student, heldout, pad)
-            results["attacks"][a][d] = s["accuracy"]
-            results["perplexity"][a][d] = s["perplexity"]
-    return results
+    labels = torch.cat([b.labels for b in sample])
+    fns = {d: defense_fn(d, transform, config) for d in names}  # fresh noise
+    return {
+        "teacher_accuracy": accuracy,
+        "teacher_accuracy_raw": accuracy["no_defense"],
+        "teacher_accuracy_purified": accuracy["cmiguard"],
+        "cmi": {
+            d: float(cmi(torch.cat([fn(b.teacher_logits.float()) for b in sample]), labels))
+            for d, fn in fns.items()
+        },
+    }

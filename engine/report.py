@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -11,29 +12,58 @@ def gap_closed(raw: float, defended: float, floor: float) -> float:
     return (raw - defended) / (raw - floor) if raw != floor else float("nan")
 
 
+def _defenses(results: dict) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in results["attacks"].values():
+        seen |= dict.fromkeys(row)
+    return list(seen)
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None or math.isnan(value) else format(value, fmt)
+
+
 def evaluation_table(results: dict) -> str:
-    defenses = list(next(iter(results["attacks"].values())))
-    head = "| attack | " + " | ".join(defenses) + " | gap closed (cmiguard) |"
-    lines = [head, "|" + "---|" * (len(defenses) + 2)]
+    """Student accuracy, then gap closed per defense, then each defense's
+    teacher accuracy and CMI; cells a stopped run has not reached show —."""
+    defenses = _defenses(results)
     floor = results["hard_label_floor"]
+    rule = "|" + "---|" * (len(defenses) + 1)
+    lines = ["Held-out next-token accuracy of each student:", ""]
+    lines += ["| attack | " + " | ".join(defenses) + " |", rule]
     for attack, row in results["attacks"].items():
-        cells = [f"{row[d]:.4f}" for d in defenses]
-        gap = (
-            gap_closed(row["no_defense"], row["cmiguard"], floor)
-            if "cmiguard" in row
-            else float("nan")
+        lines.append(
+            f"| {attack} | " + " | ".join(_cell(row.get(d), ".4f") for d in defenses) + " |"
         )
-        lines.append(f"| {attack} | " + " | ".join(cells) + f" | {gap:.2f} |")
-    lines.append("")
-    lines.append(f"SFT-only floor: {floor:.4f}; top-1 student: {results['top1_student']:.4f}; ")
-    lines.append(
+    guarded = [d for d in defenses if d != "no_defense"]
+    lines += ["", "Gap closed = (no_defense − defended) / (no_defense − SFT floor):", ""]
+    lines += ["| attack | " + " | ".join(guarded) + " |", "|" + "---|" * (len(guarded) + 1)]
+    for attack, row in results["attacks"].items():
+        gaps = [
+            gap_closed(row["no_defense"], row[d], floor)
+            if "no_defense" in row and d in row
+            else None
+            for d in guarded
+        ]
+        lines.append(f"| {attack} | " + " | ".join(_cell(g, ".2f") for g in gaps) + " |")
+    teacher = results.get("teacher_accuracy", {})
+    lines += ["", "| defense | teacher accuracy | CMI (nats) |", "|---|---|---|"]
+    for d in dict.fromkeys(["no_defense", *defenses]):
+        lines.append(
+            f"| {d} | {_cell(teacher.get(d), '.4f')} | {_cell(results['cmi'].get(d), '.3f')} |"
+        )
+    lines += [
+        "",
+        f"SFT-only floor: {floor:.4f}; top-1 student: {results['top1_student']:.4f}; "
         f"teacher: {results['teacher_accuracy_raw']:.4f} raw, "
-        f"{results['teacher_accuracy_purified']:.4f} purified (held-out next-token accuracy)"
-    )
-    lines.append(
-        "CMI of what each defense hands out (nats): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in results["cmi"].items())
-    )
+        f"{results['teacher_accuracy_purified']:.4f} purified (held-out next-token accuracy).",
+    ]
+    for attack, taus in results.get("fitted_temperature", {}).items():
+        lines.append(
+            f"{attack}: fitted τ " + ", ".join(f"{d} {t:.2f}" for d, t in taus.items()) + "."
+        )
+    if "seconds" in results:
+        lines.append(f"Run time: {results['seconds'] / 60:.1f} min.")
     return "\n".join(lines)
 
 
@@ -44,25 +74,40 @@ def write_evaluation(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cmiguard.checkpoint import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(results, indent=1))
+    # the JSON is also what a resumed run reads back: never half written
+    atomic_write(
+        out / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1))
+    )
     (out / "evaluation.md").write_text(evaluation_table(results) + "\n")
     attacks = list(results["attacks"])
-    defenses = list(next(iter(results["attacks"].values())))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(attacks)), 4))
+    defenses = _defenses(results)
+    fig, (ax, side) = plt.subplots(
+        1, 2, figsize=(max(8, 1.3 * len(attacks) + 4), 4.5), width_ratios=[3, 1]
+    )
     width = 0.8 / len(defenses)
+    values = [v for r in results["attacks"].values() for v in r.values()]
     for i, d in enumerate(defenses):
         xs = [j + (i - len(defenses) / 2 + 0.5) * width for j in range(len(attacks))]
-        ax.bar(xs, [results["attacks"][a][d] for a in attacks], width=width, label=d)
+        ys = [results["attacks"][a].get(d, float("nan")) for a in attacks]
+        ax.bar(xs, ys, width=width, label=d)
     ax.axhline(results["hard_label_floor"], color="k", ls="--", lw=1, label="SFT floor")
-    ax.axhline(results["teacher_accuracy_raw"], color="grey", ls=":", lw=1, label="teacher")
     ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set_ylabel("student next-token accuracy (held-out)")
-    lo = min(
-        results["hard_label_floor"], *(v for r in results["attacks"].values() for v in r.values())
-    )
-    ax.set_ylim(max(0.0, lo - 0.05), results["teacher_accuracy_raw"] + 0.02)
-    ax.legend(fontsize=7)
+    lo, hi = min(results["hard_label_floor"], *values), max(values)
+    ax.set_ylim(max(0.0, lo - 0.02), hi + 0.01)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"students (teacher: {results['teacher_accuracy_raw']:.3f})", fontsize=9)
+    for d in defenses:  # does lower CMI mean weaker students?
+        accs = [results["attacks"][a][d] for a in attacks if d in results["attacks"][a]]
+        if accs:
+            side.scatter(results["cmi"][d], sum(accs) / len(accs), label=d)
+    side.axhline(results["hard_label_floor"], color="k", ls="--", lw=1)
+    side.set_xlabel("CMI of the defended outputs (nats)")
+    side.set_ylabel("mean student accuracy over attacks")
+    side.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "evaluation.png", dpi=120)
     plt.close(fig)

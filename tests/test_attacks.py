@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmiguard.attacks import DIVERGENCES, distillation_loss, retemper, top_k_view
+from cmiguard.attacks import (
+    DIVERGENCES,
+    distillation_loss,
+    fit_linear_inverse,
+    fit_temperature,
+    floor_truncated,
+    retemper,
+    top_k_view,
+)
 
 
 def direct(name, p, q):
@@ -99,3 +107,74 @@ def test_retemper_inverts_a_serving_temperature():
 def test_unknown_attack():
     with pytest.raises(ValueError, match="unknown attack"):
         distillation_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([0]), "wasserstein")
+
+
+def test_fit_temperature_finds_a_served_temperature_blind():
+    """Labels drawn from softmax(z) make τ = 1 the calibrated choice for raw
+    logits; serving softmax(z / 3) must then be undone by τ ≈ 3."""
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(4000, 30, generator=gen) * 2
+    labels = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
+    labels[::7] = -100
+    assert fit_temperature(z.log_softmax(-1), labels) == pytest.approx(1.0, rel=0.08)
+    assert fit_temperature((z / 3).log_softmax(-1), labels) == pytest.approx(3.0, rel=0.08)
+    with pytest.raises(ValueError, match="finite log-prob"):
+        fit_temperature(torch.zeros(2, 3), torch.tensor([-100, -100]))
+
+
+def test_fit_linear_inverse_undoes_a_linear_transform_of_the_logits():
+    gen = torch.Generator().manual_seed(5)
+    v, r = 40, 3
+    a, b = torch.randn(v, r, generator=gen) * 0.2, torch.randn(v, r, generator=gen) * 0.2
+    # centred columns make the map commute with softmax's shift invariance, so
+    # raw log-probs are an exact linear function of served ones (otherwise the
+    # row's mean logit, which softmax drops, leaks into the served output)
+    a = a - a.mean(0)
+
+    def serve(z):
+        return ((z + (z @ a) @ b.T) / 2.5).log_softmax(-1)
+
+    fit_z, new_z = torch.randn(300, v, generator=gen) * 3, torch.randn(50, v, generator=gen) * 3
+    invert = fit_linear_inverse(serve(fit_z), fit_z, ridge=1e-6)
+    torch.testing.assert_close(invert(serve(new_z)), new_z.log_softmax(-1), atol=1e-3, rtol=0)
+    # the default ridge still recovers far more than re-tempering by the scale alone
+    rough = fit_linear_inverse(serve(fit_z), fit_z)(serve(new_z))
+    err = (rough - new_z.log_softmax(-1)).abs().max()
+    assert err < 0.05 * (serve(new_z) - new_z.log_softmax(-1)).abs().max()
+    with pytest.raises(ValueError, match="pairs"):
+        fit_linear_inverse(torch.zeros(3, 4), torch.zeros(3, 5))
+
+
+def test_floor_truncated_keeps_shown_ratios_and_makes_every_divergence_finite():
+    z = torch.randn(3, 12)
+    shown = torch.full_like(z, float("-inf"))
+    shown[0, :1] = 0.0  # top-1 only
+    shown[1, :5] = z[1, :5].log_softmax(-1)  # top-5 truncation
+    shown[2] = z[2].log_softmax(-1)  # nothing hidden
+    got = floor_truncated(shown, mass=1e-3)
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(3))
+    assert torch.isfinite(got).all() and torch.equal(got[2], shown[2])
+    torch.testing.assert_close(got[1, :5] - got[1, 0], shown[1, :5] - shown[1, 0])
+    assert got[1, 5:].exp().sum().item() == pytest.approx(1e-3, rel=1e-4)
+    assert torch.equal(floor_truncated(shown[2:]), shown[2:])  # untouched when nothing is hidden
+    student = torch.randn(3, 12)
+    for name in DIVERGENCES:
+        assert torch.isfinite(DIVERGENCES[name](got, student.log_softmax(-1))).all(), name
+
+
+def test_compiled_loss_matches_eager_across_row_counts():
+    """The evaluation compiles the loss once with dynamic shapes; batches
+    differ in row count and in which rows carry -100."""
+    compiled = torch.compile(distillation_loss, dynamic=True)
+    gen = torch.Generator().manual_seed(6)
+    for n, top_k in ((7, None), (12, None), (9, 5)):
+        s = torch.randn(n, 64, generator=gen, requires_grad=True)
+        t = (torch.randn(n, 64, generator=gen) * 3).log_softmax(-1)
+        labels = torch.randint(0, 64, (n,), generator=gen)
+        labels[1] = -100
+        want = distillation_loss(s, t, labels, "gjsd", 0.5, 1.0, top_k)
+        (grad_want,) = torch.autograd.grad(want, s)
+        got = compiled(s, t, labels, "gjsd", 0.5, 1.0, top_k)
+        (grad_got,) = torch.autograd.grad(got, s)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-7)

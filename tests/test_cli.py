@@ -155,3 +155,28 @@ def test_demo_end_to_end(teacher):
     assert m["teacher_accuracy_purified"] >= m["teacher_accuracy_raw"] - 0.03
     assert m["teacher_accuracy_raw"] > 0.5  # the cloze multiple choice is far above chance
     assert m["cmi_purified"] <= m["cmi_raw"] / 3
+
+
+@pytest.mark.teacher
+def test_evaluate_on_the_real_teacher_writes_the_report_and_resumes(tmp_path, teacher, capsys):
+    from cmiguard.checkpoint import vocab_fingerprint
+
+    model, tokenizer = teacher
+    transform = LowRankTransform(model.config.vocab_size, 4, temperature=2.0)  # τ alone
+    save_transform(transform, tmp_path / "t.safetensors", vocab_fingerprint(tokenizer))
+    argv = ["evaluate", "--transform", str(tmp_path / "t.safetensors"), "--out", str(tmp_path)]
+    argv += ["--articles", "2", "--heldout-articles", "1", "--steps", "2", "--json"]
+    assert main([*argv, "--attacks", "forward_kl", "--defenses", "no_defense,cmiguard"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    more = ["--attacks", "forward_kl,adaptive_retemper", "--defenses", "no_defense,cmiguard,noise"]
+    assert main([*argv, *more]) == 0  # adds cells
+    second = json.loads(capsys.readouterr().out)
+    assert second["attacks"]["forward_kl"]["cmiguard"] == first["attacks"]["forward_kl"]["cmiguard"]
+    assert list(second["attacks"]["adaptive_retemper"]) == ["no_defense", "cmiguard", "noise"]
+    # the blind attacker reads the served temperature off the miscalibration
+    taus = second["fitted_temperature"]["adaptive_retemper"]
+    assert taus["cmiguard"] == pytest.approx(2 * taus["no_defense"], rel=0.05)
+    assert second["teacher_accuracy_purified"] == second["teacher_accuracy_raw"]
+    assert (tmp_path / "evaluation.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="unknown attack wasserstein"):
+        main([*argv, "--attacks", "forward_kl,wasserstein"])

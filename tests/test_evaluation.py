@@ -10,32 +10,40 @@ from cmiguard.report import gap_closed, write_evaluation
 from tests.test_trainer import tiny_examples
 
 
-def run(transform):
-    config = EvalConfig(
-        attacks=("forward_kl", "top5", "adaptive_retemper"),
+def run_config() -> EvalConfig:
+    return EvalConfig(
+        attacks=("forward_kl", "reverse_kl", "top5", "adaptive_retemper", "adaptive_linear"),
         student_layers=1,
         steps=3,
         batch_size=3,
+        oracle_batches=1,
+        compile_loss=False,
         progress=False,
     )
+
+
+def run(transform, out=None, config=None):
     teacher = tiny_model(96, seed=0)
-    return evaluate(teacher, transform, tiny_examples(8), tiny_examples(3, seed=9), 0, config)
+    config = config or run_config()
+    return evaluate(teacher, transform, tiny_examples(8), tiny_examples(3, seed=9), 0, config, out)
 
 
 def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
     transform = LowRankTransform(96, 4, temperature=2.0)
     first, second = run(transform), run(transform)
+    first.pop("seconds"), second.pop("seconds")
     assert first == second
-    assert set(first["attacks"]) == {"forward_kl", "top5", "adaptive_retemper"}
+    assert list(first["attacks"]) == list(run_config().attacks)
     for row in first["attacks"].values():
-        assert set(row) == set(DEFENSES)
-        assert all(0.0 <= v <= 1.0 for v in row.values())
+        assert list(row) == list(DEFENSES)
+        assert all(0.0 <= v <= 1.0 for v in row.values())  # finite: truncation is floored
+    assert set(first["fitted_temperature"]["adaptive_retemper"]) == set(DEFENSES)
     assert first["teacher_accuracy_purified"] == first["teacher_accuracy_raw"]  # τ keeps the argmax
     assert first["cmi"]["cmiguard"] < first["cmi"]["no_defense"]
     write_evaluation(first, tmp_path)
     assert json.loads((tmp_path / "evaluation.json").read_text())["attacks"] == first["attacks"]
     assert (tmp_path / "evaluation.png").stat().st_size > 1000
-    assert "gap closed" in (tmp_path / "evaluation.md").read_text()
+    assert "Gap closed" in (tmp_path / "evaluation.md").read_text()
 
 
 def test_defenses_hand_out_log_probabilities():
@@ -52,3 +60,37 @@ def test_defenses_hand_out_log_probabilities():
 def test_gap_closed():
     assert gap_closed(0.5, 0.4, 0.3) == pytest.approx(0.5)
     assert gap_closed(0.5, 0.3, 0.3) == pytest.approx(1.0)
+
+
+def test_a_stopped_evaluation_resumes_to_the_same_numbers(tmp_path):
+    """A run stopped after some columns, resumed with more attacks and defenses,
+    ends where a run in one go does: cells do not depend on what ran before."""
+    transform = LowRankTransform(96, 4, temperature=2.0)
+    whole = run(transform)
+    first = run_config()
+    first.attacks, first.defenses = ("top5", "forward_kl"), ("noise", "no_defense")
+    part = run(transform, tmp_path, first)
+    assert set(part["attacks"]["top5"]) == {"noise", "no_defense"}
+    resumed = run(transform, tmp_path)
+    assert resumed["seconds"] > part["seconds"]
+    for key in ("attacks", "perplexity", "fitted_temperature", "cmi", "teacher_accuracy"):
+        assert resumed[key] == whole[key], key
+    on_disk = json.loads((tmp_path / "evaluation.json").read_text())
+    assert on_disk["attacks"] == whole["attacks"]
+    assert "noise" in (tmp_path / "evaluation.md").read_text()
+
+
+def test_resume_refuses_another_config_or_a_broken_file(tmp_path):
+    transform = LowRankTransform(96, 4, temperature=2.0)
+    config = run_config()
+    config.attacks, config.defenses = ("forward_kl",), ("no_defense",)
+    run(transform, tmp_path, config)
+    config.steps = 4
+    with pytest.raises(ValueError, match="different config"):
+        run(transform, tmp_path, config)
+    with pytest.raises(ValueError, match="different transform_temperature"):
+        run(LowRankTransform(96, 4, temperature=3.0), tmp_path)
+    state = tmp_path / "evaluation.json"
+    state.write_text(state.read_text()[:50])
+    with pytest.raises(ValueError, match="not a readable evaluation"):
+        run(transform, tmp_path)
