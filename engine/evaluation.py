@@ -250,12 +250,16 @@ def evaluate(
             write_evaluation(results, out)
 
     if "hard_label_floor" not in results:
-        floor = train_student(template, cached, None, {}, config, desc="SFT floor")
-        results["hard_label_floor"] = score(floor, heldout, pad)["accuracy"]
+        floor = score(
+            train_student(template, cached, None, {}, config, desc="SFT floor"), heldout, pad
+        )
         top1 = train_student(
             template, cached, None, {}, config, hard_labels=True, desc="top-1 student"
         )
-        results["top1_student"] = score(top1, heldout, pad)["accuracy"]
+        top1 = score(top1, heldout, pad)
+        results["hard_label_floor"] = floor["accuracy"]
+        results["top1_student"] = top1["accuracy"]
+        results["floor_perplexity"] = {"sft": floor["perplexity"], "top1": top1["perplexity"]}
     if not set(config.defenses) <= set(results.get("cmi", {})):  # a resumed run may add some
         new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config)
         results |= new | {k: results.get(k, {}) | new[k] for k in ("teacher_accuracy", "cmi")}

@@ -46,6 +46,12 @@ def evaluation_table(results: dict) -> str:
             for d in guarded
         ]
         lines.append(f"| {attack} | " + " | ".join(_cell(g, ".2f") for g in gaps) + " |")
+    lines += ["", "Held-out perplexity of each student:", ""]
+    lines += ["| attack | " + " | ".join(defenses) + " |", rule]
+    for attack, row in results["perplexity"].items():
+        lines.append(
+            f"| {attack} | " + " | ".join(_cell(row.get(d), ".0f") for d in defenses) + " |"
+        )
     teacher = results.get("teacher_accuracy", {})
     lines += ["", "| defense | teacher accuracy | CMI (nats) |", "|---|---|---|"]
     for d in dict.fromkeys(["no_defense", *defenses]):
@@ -54,7 +60,9 @@ def evaluation_table(results: dict) -> str:
         )
     lines += [
         "",
-        f"SFT-only floor: {floor:.4f}; top-1 student: {results['top1_student']:.4f}; "
+        f"SFT-only floor: {floor:.4f} (perplexity {results['floor_perplexity']['sft']:.0f}); "
+        f"top-1 student: {results['top1_student']:.4f} "
+        f"(perplexity {results['floor_perplexity']['top1']:.0f}); "
         f"teacher: {results['teacher_accuracy_raw']:.4f} raw, "
         f"{results['teacher_accuracy_purified']:.4f} purified (held-out next-token accuracy).",
     ]
