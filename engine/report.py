@@ -23,6 +23,24 @@ def _cell(value: float | None, fmt: str) -> str:
     return "—" if value is None or math.isnan(value) else format(value, fmt)
 
 
+def _gap_table(scores: dict, guarded: list[str], floor: float, fmt: str) -> list[str]:
+    """Gap closed per attack per defense, after the raw student's lead over the
+    floor (the ratio's denominator: where it is within noise, so is the ratio)."""
+    head = "| attack | no_defense − floor | " + " | ".join(guarded) + " |"
+    lines = [head, "|" + "---|" * (len(guarded) + 2)]
+    for attack, row in scores.items():
+        raw = row.get("no_defense")
+        gaps = [
+            gap_closed(raw, row[d], floor) if raw is not None and d in row else None
+            for d in guarded
+        ]
+        lead = None if raw is None else raw - floor
+        lines.append(
+            f"| {attack} | {_cell(lead, fmt)} | " + " | ".join(_cell(g, ".2f") for g in gaps) + " |"
+        )
+    return lines
+
+
 def evaluation_table(results: dict) -> str:
     """Student accuracy, then gap closed per defense, then each defense's
     teacher accuracy and CMI; cells a stopped run has not reached show —."""
@@ -37,24 +55,22 @@ def evaluation_table(results: dict) -> str:
         )
     guarded = [d for d in defenses if d != "no_defense"]
     lines += ["", "Gap closed = (no_defense − defended) / (no_defense − SFT floor):", ""]
-    lines += ["| attack | " + " | ".join(guarded) + " |", "|" + "---|" * (len(guarded) + 1)]
-    for attack, row in results["attacks"].items():
-        gaps = [
-            gap_closed(row["no_defense"], row[d], floor)
-            if "no_defense" in row and d in row
-            else None
-            for d in guarded
-        ]
-        lines.append(f"| {attack} | " + " | ".join(_cell(g, ".2f") for g in gaps) + " |")
+    lines += _gap_table(results["attacks"], guarded, floor, "+.4f")
     lines += ["", "Held-out perplexity of each student:", ""]
     lines += ["| attack | " + " | ".join(defenses) + " |", rule]
     for attack, row in results["perplexity"].items():
         lines.append(
             f"| {attack} | " + " | ".join(_cell(row.get(d), ".0f") for d in defenses) + " |"
         )
+    if "floor_perplexity" in results:
+        log_ppl = {
+            a: {d: -math.log(v) for d, v in r.items()} for a, r in results["perplexity"].items()
+        }
+        lines += ["", "Gap closed on log-perplexity (the same ratio, −log ppl for accuracy):", ""]
+        lines += _gap_table(log_ppl, guarded, -math.log(results["floor_perplexity"]["sft"]), "+.2f")
     teacher = results.get("teacher_accuracy", {})
     lines += ["", "| defense | teacher accuracy | CMI (nats) |", "|---|---|---|"]
-    for d in dict.fromkeys(["no_defense", *defenses]):
+    for d in results["cmi"]:
         lines.append(
             f"| {d} | {_cell(teacher.get(d), '.4f')} | {_cell(results['cmi'].get(d), '.3f')} |"
         )
