@@ -23,6 +23,13 @@ def _cell(value: float | None, fmt: str) -> str:
     return "—" if value is None or math.isnan(value) else format(value, fmt)
 
 
+def _score_table(scores: dict, defenses: list[str], fmt: str) -> list[str]:
+    lines = ["| attack | " + " | ".join(defenses) + " |", "|" + "---|" * (len(defenses) + 1)]
+    for attack, row in scores.items():
+        lines.append(f"| {attack} | " + " | ".join(_cell(row.get(d), fmt) for d in defenses) + " |")
+    return lines
+
+
 def _gap_table(scores: dict, guarded: list[str], floor: float, fmt: str) -> list[str]:
     """Gap closed per attack per defense, after the raw student's lead over the
     floor (the ratio's denominator: where it is within noise, so is the ratio)."""
@@ -46,28 +53,16 @@ def evaluation_table(results: dict) -> str:
     teacher accuracy and CMI; cells a stopped run has not reached show —."""
     defenses = _defenses(results)
     floor = results["hard_label_floor"]
-    rule = "|" + "---|" * (len(defenses) + 1)
     lines = ["Held-out next-token accuracy of each student:", ""]
-    lines += ["| attack | " + " | ".join(defenses) + " |", rule]
-    for attack, row in results["attacks"].items():
-        lines.append(
-            f"| {attack} | " + " | ".join(_cell(row.get(d), ".4f") for d in defenses) + " |"
-        )
+    lines += _score_table(results["attacks"], defenses, ".4f")
     guarded = [d for d in defenses if d != "no_defense"]
     lines += ["", "Gap closed = (no_defense − defended) / (no_defense − SFT floor):", ""]
     lines += _gap_table(results["attacks"], guarded, floor, "+.4f")
     lines += ["", "Held-out perplexity of each student:", ""]
-    lines += ["| attack | " + " | ".join(defenses) + " |", rule]
-    for attack, row in results["perplexity"].items():
-        lines.append(
-            f"| {attack} | " + " | ".join(_cell(row.get(d), ".0f") for d in defenses) + " |"
-        )
-    if "floor_perplexity" in results:
-        log_ppl = {
-            a: {d: -math.log(v) for d, v in r.items()} for a, r in results["perplexity"].items()
-        }
-        lines += ["", "Gap closed on log-perplexity (the same ratio, −log ppl for accuracy):", ""]
-        lines += _gap_table(log_ppl, guarded, -math.log(results["floor_perplexity"]["sft"]), "+.2f")
+    lines += _score_table(results["perplexity"], defenses, ".0f")
+    log_ppl = {a: {d: -math.log(v) for d, v in r.items()} for a, r in results["perplexity"].items()}
+    lines += ["", "Gap closed on log-perplexity (the same ratio, −log ppl for accuracy):", ""]
+    lines += _gap_table(log_ppl, guarded, -math.log(results["floor_perplexity"]["sft"]), "+.2f")
     teacher = results.get("teacher_accuracy", {})
     lines += ["", "| defense | teacher accuracy | CMI (nats) |", "|---|---|---|"]
     for d in results["cmi"]:
