@@ -234,6 +234,7 @@ def evaluate(
     start = time.perf_counter()
     data = {"calibration_examples": len(calibration), "heldout_examples": len(heldout)}
     results = _resume(out, config, transform, data)
+    results["heldout_tokens"] = sum(len(e.labels) for e in heldout)
     spent = results["seconds"]
     cached = cache_teacher(teacher, calibration, pad, config)
     template = truncated_copy(teacher, config.student_layers)

@@ -12,6 +12,13 @@ def gap_closed(raw: float, defended: float, floor: float) -> float:
     return (raw - defended) / (raw - floor) if raw != floor else float("nan")
 
 
+def accuracy_noise(accuracy: float, tokens: int) -> float:
+    """Two standard errors of the difference of two accuracies near ``accuracy``
+    on ``tokens`` held-out tokens. Token sampling only: the students' own
+    training noise comes on top, so a lead below this is certainly noise."""
+    return 2 * math.sqrt(2 * accuracy * (1 - accuracy) / tokens)
+
+
 def _defenses(results: dict) -> list[str]:
     seen: dict[str, None] = {}
     for row in results["attacks"].values():
@@ -30,9 +37,12 @@ def _score_table(scores: dict, defenses: list[str], fmt: str) -> list[str]:
     return lines
 
 
-def _gap_table(scores: dict, guarded: list[str], floor: float, fmt: str) -> list[str]:
+def _gap_table(
+    scores: dict, guarded: list[str], floor: float, fmt: str, noise: float | None = None
+) -> list[str]:
     """Gap closed per attack per defense, after the raw student's lead over the
-    floor (the ratio's denominator: where it is within noise, so is the ratio)."""
+    floor (the ratio's denominator: where it is within noise, so is the ratio,
+    and the lead is marked "(noise)")."""
     head = "| attack | no_defense − floor | " + " | ".join(guarded) + " |"
     lines = [head, "|" + "---|" * (len(guarded) + 2)]
     for attack, row in scores.items():
@@ -42,8 +52,11 @@ def _gap_table(scores: dict, guarded: list[str], floor: float, fmt: str) -> list
             for d in guarded
         ]
         lead = None if raw is None else raw - floor
+        mark = " (noise)" if noise is not None and lead is not None and abs(lead) < noise else ""
         lines.append(
-            f"| {attack} | {_cell(lead, fmt)} | " + " | ".join(_cell(g, ".2f") for g in gaps) + " |"
+            f"| {attack} | {_cell(lead, fmt)}{mark} | "
+            + " | ".join(_cell(g, ".2f") for g in gaps)
+            + " |"
         )
     return lines
 
@@ -57,7 +70,16 @@ def evaluation_table(results: dict) -> str:
     lines += _score_table(results["attacks"], defenses, ".4f")
     guarded = [d for d in defenses if d != "no_defense"]
     lines += ["", "Gap closed = (no_defense − defended) / (no_defense − SFT floor):", ""]
-    lines += _gap_table(results["attacks"], guarded, floor, "+.4f")
+    tokens = results.get("heldout_tokens")
+    noise = None if tokens is None else accuracy_noise(floor, tokens)
+    lines += _gap_table(results["attacks"], guarded, floor, "+.4f", noise)
+    if noise is not None:
+        lines += [
+            "",
+            f"On {tokens} held-out tokens, two accuracies near the floor differ by up to "
+            f"{noise:.4f} (two standard errors) by token sampling alone: leads marked "
+            "(noise) are below that, and their ratios mean nothing.",
+        ]
     lines += ["", "Held-out perplexity of each student:", ""]
     lines += _score_table(results["perplexity"], defenses, ".0f")
     log_ppl = {a: {d: -math.log(v) for d, v in r.items()} for a, r in results["perplexity"].items()}

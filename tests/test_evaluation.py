@@ -6,7 +6,7 @@ import torch
 from cmiguard import LowRankTransform
 from cmiguard.evaluation import DEFENSES, EvalConfig, defense_fn, evaluate
 from cmiguard.models import tiny_model
-from cmiguard.report import gap_closed, write_evaluation
+from cmiguard.report import accuracy_noise, evaluation_table, gap_closed, write_evaluation
 from tests.test_trainer import tiny_examples
 
 
@@ -60,6 +60,27 @@ def test_defenses_hand_out_log_probabilities():
 def test_gap_closed():
     assert gap_closed(0.5, 0.4, 0.3) == pytest.approx(0.5)
     assert gap_closed(0.5, 0.3, 0.3) == pytest.approx(1.0)
+
+
+def test_accuracy_noise_is_two_standard_errors_of_a_difference():
+    # binomial: var(acc) = p(1-p)/n for each of two students, so the SE of the
+    # difference is sqrt(2 p (1-p) / n); at p = 0.5, n = 800 that is 0.025
+    assert accuracy_noise(0.5, 800) == pytest.approx(0.05)
+    assert accuracy_noise(0.15, 2000) == pytest.approx(2 * (2 * 0.15 * 0.85 / 2000) ** 0.5)
+
+
+def test_leads_within_token_noise_are_marked(tmp_path):
+    results = run(LowRankTransform(96, 4, temperature=2.0))
+    assert results["heldout_tokens"] == sum(len(e.labels) for e in tiny_examples(3, seed=9))
+    floor, noise = results["hard_label_floor"], accuracy_noise(results["hard_label_floor"], 10**6)
+    results["heldout_tokens"] = 10**6
+    results["attacks"] = {
+        "big": {"no_defense": floor + 2 * noise, "cmiguard": floor},
+        "small": {"no_defense": floor + noise / 2, "cmiguard": floor},
+    }
+    rows = {line.split(" |")[0]: line for line in evaluation_table(results).splitlines()}
+    assert "(noise)" not in rows["| big"] and "(noise)" in rows["| small"]
+    assert "1000000 held-out tokens" in evaluation_table(results)
 
 
 def test_a_stopped_evaluation_resumes_to_the_same_numbers(tmp_path):
