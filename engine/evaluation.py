@@ -42,6 +42,8 @@ ATTACKS |= {
     "top5": {"attack": "forward_kl", "top_k": 5},
     "top20": {"attack": "forward_kl", "top_k": 20},
     "kd_t2": {"attack": "forward_kl", "temperature": 2.0},
+    # distil from the argmax of whatever is served: what any API leaks, even text
+    "hard_label": {"attack": "forward_kl", "hard_label": True},
     "adaptive_retemper": {"attack": "forward_kl", "adaptive": "retemper"},
     "adaptive_linear": {"attack": "forward_kl", "adaptive": "linear"},
 }
@@ -137,8 +139,11 @@ def attacker_view(
     defend: Callable[[Tensor], Tensor], spec: dict, cached: list[CachedBatch], config: EvalConfig
 ) -> tuple[Callable[[Tensor], Tensor], float | None]:
     """What the attacker distils from: the defended log-probs after its adaptive
-    step (fitted on its first ``oracle_batches`` batches), truncated outputs
-    floored so every divergence stays finite. Also the fitted temperature."""
+    step (fitted on its first ``oracle_batches`` batches) or reduced to its
+    argmax (``hard_label``), truncated outputs floored so every divergence
+    stays finite. Also the fitted temperature."""
+    if spec.get("hard_label"):
+        return lambda z: floor_truncated(_keep_top(defend(z), 1)), None
     fit = cached[: config.oracle_batches]
     adaptive = spec.get("adaptive")
     if adaptive is None:

@@ -12,7 +12,14 @@ from tests.test_trainer import tiny_examples
 
 def run_config() -> EvalConfig:
     return EvalConfig(
-        attacks=("forward_kl", "reverse_kl", "top5", "adaptive_retemper", "adaptive_linear"),
+        attacks=(
+            "forward_kl",
+            "reverse_kl",
+            "top5",
+            "hard_label",
+            "adaptive_retemper",
+            "adaptive_linear",
+        ),
         student_layers=1,
         steps=3,
         batch_size=3,
@@ -40,6 +47,13 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
     assert set(first["fitted_temperature"]["adaptive_retemper"]) == set(DEFENSES)
     assert first["teacher_accuracy_purified"] == first["teacher_accuracy_raw"]  # τ keeps the argmax
     assert first["cmi"]["cmiguard"] < first["cmi"]["no_defense"]
+    # the hard-label attacker on the raw teacher is the forward-KL attacker on top-1 outputs
+    for key in ("attacks", "perplexity"):
+        assert first[key]["hard_label"]["no_defense"] == first[key]["forward_kl"]["top1_only"]
+    assert (
+        first["perplexity"]["hard_label"]["cmiguard"]
+        != first["perplexity"]["forward_kl"]["cmiguard"]
+    )
     write_evaluation(first, tmp_path)
     assert json.loads((tmp_path / "evaluation.json").read_text())["attacks"] == first["attacks"]
     assert (tmp_path / "evaluation.png").stat().st_size > 1000
