@@ -266,9 +266,10 @@ def evaluate(
         results["hard_label_floor"] = floor["accuracy"]
         results["top1_student"] = top1["accuracy"]
         results["floor_perplexity"] = {"sft": floor["perplexity"], "top1": top1["perplexity"]}
-    if not set(config.defenses) <= set(results.get("cmi", {})):  # a resumed run may add some
+    per_defense = ("teacher_accuracy", "cmi", "cmi_retempered")
+    if any(not set(config.defenses) <= set(results.get(k, {})) for k in per_defense):
         new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config)
-        results |= new | {k: results.get(k, {}) | new[k] for k in ("teacher_accuracy", "cmi")}
+        results |= new | {k: results.get(k, {}) | new[k] for k in per_defense}
     cells = [(d, a) for d in config.defenses for a in config.attacks]
     done = {(d, a) for a, row in results["attacks"].items() for d in row}
     for d, a in tqdm(
@@ -320,7 +321,9 @@ def _teacher_and_cmi(
     config: EvalConfig,
 ) -> dict:
     """Held-out next-token accuracy of the argmax of each defense's output (one
-    teacher pass), and the CMI of what each defense hands out on 8 batches."""
+    teacher pass), and the CMI of what each defense hands out on 8 batches: as
+    served, and after the blind re-tempering attacker's ``τ`` (CMI falls as the
+    temperature rises, so a served temperature lowers it without hiding anything)."""
     names = dict.fromkeys(["no_defense", "cmiguard", *config.defenses])
     fns = {d: defense_fn(d, transform, config) for d in names}
     correct = dict.fromkeys(fns, 0)
@@ -334,13 +337,18 @@ def _teacher_and_cmi(
     accuracy = {d: c / total for d, c in correct.items()}
     sample = cached[:8]
     labels = torch.cat([b.labels for b in sample])
-    fns = {d: defense_fn(d, transform, config) for d in names}  # fresh noise
+    served_cmi, retempered_cmi = {}, {}
+    for d in names:
+        fn = defense_fn(d, transform, config)  # fresh noise
+        served = torch.cat([fn(b.teacher_logits.float()) for b in sample])
+        served_cmi[d] = float(cmi(served, labels))
+        seen = floor_truncated(served)  # what the attacker re-tempers
+        retempered = retemper(seen, fit_temperature(seen, labels))
+        retempered_cmi[d] = float(cmi(retempered, labels))
     return {
         "teacher_accuracy": accuracy,
         "teacher_accuracy_raw": accuracy["no_defense"],
         "teacher_accuracy_purified": accuracy["cmiguard"],
-        "cmi": {
-            d: float(cmi(torch.cat([fn(b.teacher_logits.float()) for b in sample]), labels))
-            for d, fn in fns.items()
-        },
+        "cmi": served_cmi,
+        "cmi_retempered": retempered_cmi,
     }

@@ -86,10 +86,16 @@ def evaluation_table(results: dict) -> str:
     lines += ["", "Gap closed on log-perplexity (the same ratio, −log ppl for accuracy):", ""]
     lines += _gap_table(log_ppl, guarded, -math.log(results["floor_perplexity"]["sft"]), "+.2f")
     teacher = results.get("teacher_accuracy", {})
-    lines += ["", "| defense | teacher accuracy | CMI (nats) |", "|---|---|---|"]
+    retempered = results.get("cmi_retempered", {})
+    lines += [
+        "",
+        "| defense | teacher accuracy | CMI (nats) | CMI after the blind re-temper |",
+        "|---|---|---|---|",
+    ]
     for d in results["cmi"]:
         lines.append(
-            f"| {d} | {_cell(teacher.get(d), '.4f')} | {_cell(results['cmi'].get(d), '.3f')} |"
+            f"| {d} | {_cell(teacher.get(d), '.4f')} | {_cell(results['cmi'].get(d), '.3f')} "
+            f"| {_cell(retempered.get(d), '.3f')} |"
         )
     lines += [
         "",

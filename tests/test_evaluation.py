@@ -47,6 +47,11 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
     assert set(first["fitted_temperature"]["adaptive_retemper"]) == set(DEFENSES)
     assert first["teacher_accuracy_purified"] == first["teacher_accuracy_raw"]  # τ keeps the argmax
     assert first["cmi"]["cmiguard"] < first["cmi"]["no_defense"]
+    # the transform here is a pure temperature: re-tempering gives the raw CMI back
+    assert first["cmi_retempered"]["cmiguard"] == pytest.approx(
+        first["cmi_retempered"]["no_defense"], rel=0.02
+    )
+    assert first["cmi_retempered"]["cmiguard"] > 1.5 * first["cmi"]["cmiguard"]
     # the hard-label attacker on the raw teacher is the forward-KL attacker on top-1 outputs
     for key in ("attacks", "perplexity"):
         assert first[key]["hard_label"]["no_defense"] == first[key]["forward_kl"]["top1_only"]
