@@ -114,6 +114,42 @@ def evaluation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_table(runs: list[dict]) -> str:
+    """Gap closed per seed and its mean ± sample sd, for the attacks and
+    defenses every run has: one seed's ratio is only as good as its spread."""
+    seeds = [r["config"]["seed"] for r in runs]
+    attacks = [a for a in runs[0]["attacks"] if all(a in r["attacks"] for r in runs)]
+    guarded = [
+        d
+        for d in _defenses(runs[0])
+        if d != "no_defense" and all(d in r["attacks"][a] for r in runs for a in attacks)
+    ]
+    head = "| attack | quantity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |"
+    lines = [head, "|" + "---|" * (len(seeds) + 3)]
+
+    def row(attack: str, name: str, values: list[float], digits: int) -> None:
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+        cells = " | ".join(f"{v:+.{digits}f}" for v in values)
+        lines.append(f"| {attack} | {name} | {cells} | {mean:+.{digits}f} ± {sd:.{digits}f} |")
+
+    row("—", "top-1 student − floor", [r["top1_student"] - r["hard_label_floor"] for r in runs], 4)
+    for a in attacks:
+        row(
+            a,
+            "no_defense − floor",
+            [r["attacks"][a]["no_defense"] - r["hard_label_floor"] for r in runs],
+            4,
+        )
+        for d in guarded:
+            gaps = [
+                gap_closed(r["attacks"][a]["no_defense"], r["attacks"][a][d], r["hard_label_floor"])
+                for r in runs
+            ]
+            row(a, f"gap closed, {d}", gaps, 2)
+    return "\n".join(lines)
+
+
 def write_evaluation(results: dict, out: Path) -> None:
     """``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` under ``out``."""
     import matplotlib

@@ -6,7 +6,13 @@ import torch
 from cmiguard import LowRankTransform
 from cmiguard.evaluation import DEFENSES, EvalConfig, defense_fn, evaluate
 from cmiguard.models import tiny_model
-from cmiguard.report import accuracy_noise, evaluation_table, gap_closed, write_evaluation
+from cmiguard.report import (
+    accuracy_noise,
+    evaluation_table,
+    gap_closed,
+    seed_table,
+    write_evaluation,
+)
 from tests.test_trainer import tiny_examples
 
 
@@ -100,6 +106,23 @@ def test_leads_within_token_noise_are_marked(tmp_path):
     rows = {line.split(" |")[0]: line for line in evaluation_table(results).splitlines()}
     assert "(noise)" not in rows["| big"] and "(noise)" in rows["| small"]
     assert "1000000 held-out tokens" in evaluation_table(results)
+
+
+def test_seed_table_gives_each_seeds_gap_and_their_spread():
+    def result(seed, raw, guarded, floor):
+        return {
+            "config": {"seed": seed},
+            "hard_label_floor": floor,
+            "top1_student": floor + 0.01,
+            "attacks": {"forward_kl": {"no_defense": raw, "cmiguard": guarded}},
+        }
+
+    # gaps 0.5 and 1.0: mean 0.75, sample sd sqrt(2 * 0.25**2) = 0.35
+    table = seed_table([result(0, 0.2, 0.15, 0.1), result(1, 0.3, 0.1, 0.1)])
+    rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    assert rows["gap closed, cmiguard"].endswith("| +0.50 | +1.00 | +0.75 ± 0.35 |")
+    assert rows["no_defense − floor"].endswith("| +0.1000 | +0.2000 | +0.1500 ± 0.0707 |")
+    assert "| seed 0 | seed 1 |" in table.splitlines()[0]
 
 
 def test_a_stopped_evaluation_resumes_to_the_same_numbers(tmp_path):
