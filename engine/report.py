@@ -186,9 +186,14 @@ def write_evaluation(results: dict, out: Path) -> None:
     for d in defenses:  # does lower CMI mean weaker students?
         accs = [results["attacks"][a][d] for a in attacks if d in results["attacks"][a]]
         if accs:
-            side.scatter(results["cmi"][d], sum(accs) / len(accs), label=d)
+            mean, served = sum(accs) / len(accs), results["cmi"][d]
+            dot = side.scatter(served, mean, label=d)
+            if d in results.get("cmi_retempered", {}):  # hollow: after the blind re-temper
+                back = results["cmi_retempered"][d]
+                side.scatter(back, mean, facecolors="none", edgecolors=dot.get_facecolor())
+                side.plot([served, back], [mean, mean], color=dot.get_facecolor()[0], lw=0.8)
     side.axhline(results["hard_label_floor"], color="k", ls="--", lw=1)
-    side.set_xlabel("CMI of the defended outputs (nats)")
+    side.set_xlabel("CMI of the defended outputs (nats; hollow: re-tempered)")
     side.set_ylabel("mean student accuracy over attacks")
     side.legend(fontsize=7)
     fig.tight_layout()
