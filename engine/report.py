@@ -115,8 +115,9 @@ def evaluation_table(results: dict) -> str:
 
 
 def seed_table(runs: list[dict]) -> str:
-    """Gap closed per seed and its mean ± sample sd, for the attacks and
-    defenses every run has: one seed's ratio is only as good as its spread."""
+    """Gap closed (on accuracy and on log-perplexity) per seed and its mean ±
+    sample sd, for the attacks and defenses every run has: one seed's ratio is
+    only as good as its spread."""
     seeds = [r["config"]["seed"] for r in runs]
     attacks = [a for a in runs[0]["attacks"] if all(a in r["attacks"] for r in runs)]
     guarded = [
@@ -147,6 +148,15 @@ def seed_table(runs: list[dict]) -> str:
                 for r in runs
             ]
             row(a, f"gap closed, {d}", gaps, 2)
+            log_ppl = [  # the same ratio on −log perplexity
+                gap_closed(
+                    -math.log(r["perplexity"][a]["no_defense"]),
+                    -math.log(r["perplexity"][a][d]),
+                    -math.log(r["floor_perplexity"]["sft"]),
+                )
+                for r in runs
+            ]
+            row(a, f"log-perplexity gap closed, {d}", log_ppl, 2)
     return "\n".join(lines)
 
 

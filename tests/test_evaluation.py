@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -115,6 +116,9 @@ def test_seed_table_gives_each_seeds_gap_and_their_spread():
             "hard_label_floor": floor,
             "top1_student": floor + 0.01,
             "attacks": {"forward_kl": {"no_defense": raw, "cmiguard": guarded}},
+            # perplexities e^1 (raw), e^2 (cmiguard), e^3 (floor): log-perplexity gap 0.5
+            "perplexity": {"forward_kl": {"no_defense": math.e, "cmiguard": math.e**2}},
+            "floor_perplexity": {"sft": math.e**3},
         }
 
     # gaps 0.5 and 1.0: mean 0.75, sample sd sqrt(2 * 0.25**2) = 0.35
@@ -122,6 +126,7 @@ def test_seed_table_gives_each_seeds_gap_and_their_spread():
     rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
     assert rows["gap closed, cmiguard"].endswith("| +0.50 | +1.00 | +0.75 ± 0.35 |")
     assert rows["no_defense − floor"].endswith("| +0.1000 | +0.2000 | +0.1500 ± 0.0707 |")
+    assert rows["log-perplexity gap closed, cmiguard"].endswith("| +0.50 | +0.50 | +0.50 ± 0.00 |")
     assert "| seed 0 | seed 1 |" in table.splitlines()[0]
 
 
