@@ -322,7 +322,7 @@ def _teacher_and_cmi(
 ) -> dict:
     """Held-out next-token accuracy of the argmax of each defense's output (one
     teacher pass), and the CMI of what each defense hands out on 8 batches: as
-    served, and after the blind re-tempering attacker's ``τ`` (CMI falls as the
+    served, and as the ``adaptive_retemper`` attacker sees it (CMI falls as the
     temperature rises, so a served temperature lowers it without hiding anything)."""
     names = dict.fromkeys(["no_defense", "cmiguard", *config.defenses])
     fns = {d: defense_fn(d, transform, config) for d in names}
@@ -340,10 +340,11 @@ def _teacher_and_cmi(
     served_cmi, retempered_cmi = {}, {}
     for d in names:
         fn = defense_fn(d, transform, config)  # fresh noise
-        served = torch.cat([fn(b.teacher_logits.float()) for b in sample])
-        served_cmi[d] = float(cmi(served, labels))
-        seen = floor_truncated(served)  # what the attacker re-tempers
-        retempered = retemper(seen, fit_temperature(seen, labels))
+        served_cmi[d] = float(
+            cmi(torch.cat([fn(b.teacher_logits.float()) for b in sample]), labels)
+        )
+        view, _ = attacker_view(fn, ATTACKS["adaptive_retemper"], cached, config)
+        retempered = torch.cat([view(b.teacher_logits.float()) for b in sample])
         retempered_cmi[d] = float(cmi(retempered, labels))
     return {
         "teacher_accuracy": accuracy,

@@ -89,7 +89,7 @@ def evaluation_table(results: dict) -> str:
     retempered = results.get("cmi_retempered", {})
     lines += [
         "",
-        "| defense | teacher accuracy | CMI (nats) | CMI after the blind re-temper |",
+        "| defense | teacher accuracy | CMI (nats) | CMI of what the re-temperer distils from |",
         "|---|---|---|---|",
     ]
     for d in results["cmi"]:
@@ -198,7 +198,7 @@ def write_evaluation(results: dict, out: Path) -> None:
         if accs:
             mean, served = sum(accs) / len(accs), results["cmi"][d]
             dot = side.scatter(served, mean, label=d)
-            if d in results.get("cmi_retempered", {}):  # hollow: after the blind re-temper
+            if d in results.get("cmi_retempered", {}):  # hollow: what the re-temperer distils from
                 back = results["cmi_retempered"][d]
                 side.scatter(back, mean, facecolors="none", edgecolors=dot.get_facecolor())
                 side.plot([served, back], [mean, mean], color=dot.get_facecolor()[0], lw=0.8)
