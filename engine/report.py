@@ -43,8 +43,8 @@ def _gap_table(
     """Gap closed per attack per defense, after the raw student's lead over the
     floor (the ratio's denominator: where it is within noise, so is the ratio,
     and the lead is marked "(noise)")."""
-    head = "| attack | no_defense − floor | " + " | ".join(guarded) + " |"
-    lines = [head, "|" + "---|" * (len(guarded) + 2)]
+    lines = ["| attack | no_defense − floor |" + "".join(f" {d} |" for d in guarded)]
+    lines.append("|" + "---|" * (len(guarded) + 2))
     for attack, row in scores.items():
         raw = row.get("no_defense")
         gaps = [
@@ -53,11 +53,8 @@ def _gap_table(
         ]
         lead = None if raw is None else raw - floor
         mark = " (noise)" if noise is not None and lead is not None and abs(lead) < noise else ""
-        lines.append(
-            f"| {attack} | {_cell(lead, fmt)}{mark} | "
-            + " | ".join(_cell(g, ".2f") for g in gaps)
-            + " |"
-        )
+        cells = "".join(f" {_cell(g, '.2f')} |" for g in gaps)
+        lines.append(f"| {attack} | {_cell(lead, fmt)}{mark} |{cells}")
     return lines
 
 

@@ -109,6 +109,31 @@ def test_leads_within_token_noise_are_marked(tmp_path):
     assert "1000000 held-out tokens" in evaluation_table(results)
 
 
+def test_tables_stay_rectangular_while_only_the_raw_column_is_done():
+    """A run stopped after its first column still writes tables whose every row
+    has as many cells as its header."""
+    for defenses in (["no_defense"], ["no_defense", "cmiguard", "noise"]):
+        results = {
+            "attacks": {"forward_kl": dict.fromkeys(defenses, 0.2)},
+            "perplexity": {"forward_kl": dict.fromkeys(defenses, 50.0)},
+            "hard_label_floor": 0.1,
+            "top1_student": 0.15,
+            "floor_perplexity": {"sft": 90.0, "top1": 900.0},
+            "cmi": dict.fromkeys(defenses, 1.0),
+            "teacher_accuracy_raw": 0.4,
+            "teacher_accuracy_purified": 0.4,
+        }
+        tables, current = [], []
+        for line in evaluation_table(results).splitlines() + [""]:
+            if line.startswith("|"):
+                current.append(line)
+            elif current:
+                tables, current = [*tables, current], []
+        assert len(tables) == 5  # accuracy, its gap, perplexity, its gap, teacher and CMI
+        for table in tables:
+            assert {line.count("|") for line in table} == {table[0].count("|")}, table
+
+
 def test_seed_table_gives_each_seeds_gap_and_their_spread():
     def result(seed, raw, guarded, floor):
         return {
