@@ -246,11 +246,10 @@ def evaluate(
 
     def save() -> None:
         results["seconds"] = spent + time.perf_counter() - start
-        for key in ("attacks", "perplexity"):  # configured order, whatever order they ran in
+        for key in ("attacks", "perplexity"):  # configured order, then earlier runs' cells
             results[key] = {
-                a: {d: results[key][a][d] for d in config.defenses if d in results[key][a]}
-                for a in config.attacks
-                if a in results[key]
+                a: {d: results[key][a][d] for d in _ordered(results[key][a], config.defenses)}
+                for a in _ordered(results[key], config.attacks)
             }
         if out is not None:
             write_evaluation(results, out)
@@ -285,6 +284,12 @@ def evaluate(
         save()
     save()
     return results
+
+
+def _ordered(names: Sequence[str], configured: Sequence[str]) -> list[str]:
+    """``names`` with the configured ones first, in their order: a run over a
+    subset keeps the cells earlier runs into the same folder made."""
+    return [n for n in configured if n in names] + [n for n in names if n not in configured]
 
 
 def _resume(out: Path | None, config: EvalConfig, transform: LogitTransform, data: dict) -> dict:

@@ -173,6 +173,22 @@ def test_a_stopped_evaluation_resumes_to_the_same_numbers(tmp_path):
     assert "noise" in (tmp_path / "evaluation.md").read_text()
 
 
+def test_a_run_over_another_subset_keeps_the_earlier_cells(tmp_path):
+    transform = LowRankTransform(96, 4, temperature=2.0)
+    config = run_config()
+    config.attacks, config.defenses = ("forward_kl", "reverse_kl"), ("no_defense", "cmiguard")
+    first = run(transform, tmp_path, config)
+    config.attacks, config.defenses = ("top5", "forward_kl"), ("noise",)
+    second = run(transform, tmp_path, config)
+    on_disk = json.loads((tmp_path / "evaluation.json").read_text())
+    for key in ("attacks", "perplexity"):
+        assert list(on_disk[key]) == ["top5", "forward_kl", "reverse_kl"]
+        assert list(on_disk[key]["forward_kl"]) == ["noise", "no_defense", "cmiguard"]
+        assert on_disk[key]["reverse_kl"] == first[key]["reverse_kl"]
+        assert on_disk[key]["forward_kl"]["noise"] == second[key]["forward_kl"]["noise"]
+    assert set(on_disk["cmi"]) == {"no_defense", "cmiguard", "noise"}
+
+
 def test_resume_refuses_another_config_or_a_broken_file(tmp_path):
     transform = LowRankTransform(96, 4, temperature=2.0)
     config = run_config()
