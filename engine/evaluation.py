@@ -246,10 +246,10 @@ def evaluate(
 
     def save() -> None:
         results["seconds"] = spent + time.perf_counter() - start
-        for key in ("attacks", "perplexity"):  # configured order, then earlier runs' cells
+        for key in ("attacks", "perplexity"):
             results[key] = {
-                a: {d: results[key][a][d] for d in _ordered(results[key][a], config.defenses)}
-                for a in _ordered(results[key], config.attacks)
+                a: {d: results[key][a][d] for d in _ordered(results[key][a], DEFENSES)}
+                for a in _ordered(results[key], list(ATTACKS))
             }
         if out is not None:
             write_evaluation(results, out)
@@ -286,10 +286,11 @@ def evaluate(
     return results
 
 
-def _ordered(names: Sequence[str], configured: Sequence[str]) -> list[str]:
-    """``names`` with the configured ones first, in their order: a run over a
-    subset keeps the cells earlier runs into the same folder made."""
-    return [n for n in configured if n in names] + [n for n in names if n not in configured]
+def _ordered(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """``names`` in the registry's order, whatever order runs into the same
+    folder made them in (a run over a subset keeps the cells earlier ones made)."""
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(names, key=lambda n: rank.get(n, len(rank)))
 
 
 def _resume(out: Path | None, config: EvalConfig, transform: LogitTransform, data: dict) -> dict:
