@@ -190,19 +190,23 @@ def write_evaluation(results: dict, out: Path) -> None:
     ax.set_ylim(max(0.0, lo - 0.02), hi + 0.01)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"students (teacher: {results['teacher_accuracy_raw']:.3f})", fontsize=9)
-    for d in defenses:  # does lower CMI mean weaker students?
-        accs = [results["attacks"][a][d] for a in attacks if d in results["attacks"][a]]
-        if accs:
-            mean, served = sum(accs) / len(accs), results["cmi"][d]
-            dot = side.scatter(served, mean, label=d)
-            if d in results.get("cmi_retempered", {}):  # hollow: what the re-temperer distils from
-                back = results["cmi_retempered"][d]
-                side.scatter(back, mean, facecolors="none", edgecolors=dot.get_facecolor())
-                side.plot([served, back], [mean, mean], color=dot.get_facecolor()[0], lw=0.8)
+    # does lower CMI mean weaker students? Means over the same attacks for every defense
+    shared = [a for a in attacks if all(d in results["attacks"][a] for d in defenses)]
+    for d in defenses if shared else ():
+        mean = sum(results["attacks"][a][d] for a in shared) / len(shared)
+        served = results["cmi"][d]
+        dot = side.scatter(served, mean, label=d)
+        if d in results.get("cmi_retempered", {}):  # hollow: what the re-temperer distils from
+            back = results["cmi_retempered"][d]
+            side.scatter(back, mean, facecolors="none", edgecolors=dot.get_facecolor())
+            side.plot([served, back], [mean, mean], color=dot.get_facecolor()[0], lw=0.8)
     side.axhline(results["hard_label_floor"], color="k", ls="--", lw=1)
-    side.set_xlabel("CMI of the defended outputs (nats; hollow: re-tempered)")
-    side.set_ylabel("mean student accuracy over attacks")
-    side.legend(fontsize=7)
+    side.set_xlabel("CMI of the outputs (nats)\nfilled: served, hollow: re-tempered", fontsize=8)
+    side.set_ylabel(f"mean student accuracy, {len(shared)} attacks", fontsize=8)
+    if shared:
+        side.legend(fontsize=7)
+    else:
+        side.set_title("no attack has run against every defense yet", fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "evaluation.png", dpi=120)
     plt.close(fig)
