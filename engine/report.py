@@ -19,6 +19,13 @@ def accuracy_noise(accuracy: float, tokens: int) -> float:
     return 2 * math.sqrt(2 * accuracy * (1 - accuracy) / tokens)
 
 
+def _neg_log_perplexity(results: dict) -> tuple[dict, float]:
+    """−log perplexity per attack per defense, and of the SFT floor: higher is
+    better, like accuracy, so the gap-closed ratio reads the same on it."""
+    scores = {a: {d: -math.log(v) for d, v in r.items()} for a, r in results["perplexity"].items()}
+    return scores, -math.log(results["floor_perplexity"]["sft"])
+
+
 def _defenses(results: dict) -> list[str]:
     seen: dict[str, None] = {}
     for row in results["attacks"].values():
@@ -79,9 +86,9 @@ def evaluation_table(results: dict) -> str:
         ]
     lines += ["", "Held-out perplexity of each student:", ""]
     lines += _score_table(results["perplexity"], defenses, ".0f")
-    log_ppl = {a: {d: -math.log(v) for d, v in r.items()} for a, r in results["perplexity"].items()}
+    log_ppl, log_ppl_floor = _neg_log_perplexity(results)
     lines += ["", "Gap closed on log-perplexity (the same ratio, −log ppl for accuracy):", ""]
-    lines += _gap_table(log_ppl, guarded, -math.log(results["floor_perplexity"]["sft"]), "+.2f")
+    lines += _gap_table(log_ppl, guarded, log_ppl_floor, "+.2f")
     teacher = results.get("teacher_accuracy", {})
     retempered = results.get("cmi_retempered", {})
     lines += [
@@ -145,13 +152,9 @@ def seed_table(runs: list[dict]) -> str:
                 for r in runs
             ]
             row(a, f"gap closed, {d}", gaps, 2)
-            log_ppl = [  # the same ratio on −log perplexity
-                gap_closed(
-                    -math.log(r["perplexity"][a]["no_defense"]),
-                    -math.log(r["perplexity"][a][d]),
-                    -math.log(r["floor_perplexity"]["sft"]),
-                )
-                for r in runs
+            log_ppl = [
+                gap_closed(scores[a]["no_defense"], scores[a][d], floor)
+                for scores, floor in map(_neg_log_perplexity, runs)
             ]
             row(a, f"log-perplexity gap closed, {d}", log_ppl, 2)
     return "\n".join(lines)
