@@ -120,14 +120,11 @@ def evaluation_table(results: dict) -> str:
 
 def seed_table(runs: list[dict]) -> str:
     """Gap closed (on accuracy and on log-perplexity) per seed and its mean ±
-    sample sd, for the attacks and defenses every run has: one seed's ratio is
-    only as good as its spread."""
+    sample sd, for every (attack, defense) cell all runs have: one seed's ratio
+    is only as good as its spread."""
     seeds = [r["config"]["seed"] for r in runs]
-    attacks = [a for a in runs[0]["attacks"] if all(a in r["attacks"] for r in runs)]
-    guarded = [
-        d
-        for d in _defenses(runs[0])
-        if d != "no_defense" and all(d in r["attacks"][a] for r in runs for a in attacks)
+    attacks = [
+        a for a in runs[0]["attacks"] if all("no_defense" in r["attacks"].get(a, {}) for r in runs)
     ]
     head = "| attack | quantity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |"
     lines = [head, "|" + "---|" * (len(seeds) + 3)]
@@ -146,6 +143,11 @@ def seed_table(runs: list[dict]) -> str:
             [r["attacks"][a]["no_defense"] - r["hard_label_floor"] for r in runs],
             4,
         )
+        guarded = [
+            d
+            for d in runs[0]["attacks"][a]
+            if d != "no_defense" and all(d in r["attacks"][a] for r in runs)
+        ]
         for d in guarded:
             gaps = [
                 gap_closed(r["attacks"][a]["no_defense"], r["attacks"][a][d], r["hard_label_floor"])

@@ -155,6 +155,34 @@ def test_seed_table_gives_each_seeds_gap_and_their_spread():
     assert "| seed 0 | seed 1 |" in table.splitlines()[0]
 
 
+def test_seed_table_keeps_a_defense_that_only_some_attacks_ran():
+    """A baseline run for one attack on every seed gets its rows there, even
+    though another attack every seed shares never ran it."""
+
+    def result(seed):
+        return {
+            "config": {"seed": seed},
+            "hard_label_floor": 0.1,
+            "top1_student": 0.11,
+            "attacks": {
+                "forward_kl": {"no_defense": 0.3, "cmiguard": 0.2, "top1_only": 0.25},
+                "reverse_kl": {"no_defense": 0.3, "cmiguard": 0.1},
+            },
+            "perplexity": {
+                "forward_kl": {"no_defense": math.e, "cmiguard": math.e, "top1_only": math.e},
+                "reverse_kl": {"no_defense": math.e, "cmiguard": math.e},
+            },
+            "floor_perplexity": {"sft": math.e**3},
+        }
+
+    table = seed_table([result(0), result(1)])
+    rows = {tuple(line.split(" | ")[:2]): line for line in table.splitlines()[2:]}
+    assert rows[("| forward_kl", "gap closed, top1_only")].endswith("| +0.25 ± 0.00 |")
+    assert rows[("| forward_kl", "gap closed, cmiguard")].endswith("| +0.50 ± 0.00 |")
+    assert rows[("| reverse_kl", "gap closed, cmiguard")].endswith("| +1.00 ± 0.00 |")
+    assert ("| reverse_kl", "gap closed, top1_only") not in rows
+
+
 def test_a_stopped_evaluation_resumes_to_the_same_numbers(tmp_path):
     """A run stopped after some columns, resumed with more attacks and defenses,
     ends where a run in one go does: cells do not depend on what ran before."""
