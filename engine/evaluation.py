@@ -268,7 +268,8 @@ def evaluate(
     per_defense = ("teacher_accuracy", "cmi", "cmi_retempered")
     if any(not set(config.defenses) <= set(results.get(k, {})) for k in per_defense):
         new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config)
-        results |= new | {k: results.get(k, {}) | new[k] for k in per_defense}
+        merged = {k: results.get(k, {}) | new[k] for k in per_defense}
+        results |= new | {k: {d: v[d] for d in _ordered(v, DEFENSES)} for k, v in merged.items()}
     cells = [(d, a) for d in config.defenses for a in config.attacks]
     done = {(d, a) for a, row in results["attacks"].items() for d in row}
     for d, a in tqdm(
