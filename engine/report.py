@@ -192,8 +192,9 @@ def write_evaluation(results: dict, out: Path) -> None:
     ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set_ylabel("student next-token accuracy (held-out)")
     lo, hi = min(results["hard_label_floor"], *values), max(values)
-    ax.set_ylim(max(0.0, lo - 0.02), hi + 0.01)
-    ax.legend(fontsize=7, ncol=2)
+    bottom = max(0.0, lo - 0.02)
+    ax.set_ylim(bottom, hi + 0.3 * (hi - bottom))  # headroom: the legend covers no bar
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     ax.set_title(f"students (teacher: {results['teacher_accuracy_raw']:.3f})", fontsize=9)
     # does lower CMI mean weaker students? Means over the same attacks for every defense
     shared = [a for a in attacks if all(d in results["attacks"][a] for d in defenses)]
