@@ -244,13 +244,18 @@ def evaluate(
     cached = cache_teacher(teacher, calibration, pad, config)
     template = truncated_copy(teacher, config.student_layers)
 
+    per_defense = ("teacher_accuracy", "cmi", "cmi_retempered")
+
     def save() -> None:
+        """Write the report, every table in the registries' order."""
         results["seconds"] = spent + time.perf_counter() - start
-        for key in ("attacks", "perplexity"):
+        for key in ("attacks", "perplexity", "fitted_temperature"):
             results[key] = {
                 a: {d: results[key][a][d] for d in _ordered(results[key][a], DEFENSES)}
                 for a in _ordered(results[key], list(ATTACKS))
             }
+        for key in per_defense:
+            results[key] = {d: results[key][d] for d in _ordered(results[key], DEFENSES)}
         if out is not None:
             write_evaluation(results, out)
 
@@ -265,11 +270,9 @@ def evaluate(
         results["hard_label_floor"] = floor["accuracy"]
         results["top1_student"] = top1["accuracy"]
         results["floor_perplexity"] = {"sft": floor["perplexity"], "top1": top1["perplexity"]}
-    per_defense = ("teacher_accuracy", "cmi", "cmi_retempered")
     if any(not set(config.defenses) <= set(results.get(k, {})) for k in per_defense):
         new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config)
-        merged = {k: results.get(k, {}) | new[k] for k in per_defense}
-        results |= new | {k: {d: v[d] for d in _ordered(v, DEFENSES)} for k, v in merged.items()}
+        results |= new | {k: results.get(k, {}) | new[k] for k in per_defense}
     cells = [(d, a) for d in config.defenses for a in config.attacks]
     done = {(d, a) for a, row in results["attacks"].items() for d in row}
     for d, a in tqdm(
