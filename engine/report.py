@@ -126,6 +126,7 @@ def seed_table(runs: list[dict]) -> str:
     attacks = [
         a for a in runs[0]["attacks"] if all("no_defense" in r["attacks"].get(a, {}) for r in runs)
     ]
+    log_ppl = [_neg_log_perplexity(r) for r in runs]
     head = "| attack | quantity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |"
     lines = [head, "|" + "---|" * (len(seeds) + 3)]
 
@@ -154,11 +155,11 @@ def seed_table(runs: list[dict]) -> str:
                 for r in runs
             ]
             row(a, f"gap closed, {d}", gaps, 2)
-            log_ppl = [
+            log_ppl_gaps = [
                 gap_closed(scores[a]["no_defense"], scores[a][d], floor)
-                for scores, floor in map(_neg_log_perplexity, runs)
+                for scores, floor in log_ppl
             ]
-            row(a, f"log-perplexity gap closed, {d}", log_ppl, 2)
+            row(a, f"log-perplexity gap closed, {d}", log_ppl_gaps, 2)
     return "\n".join(lines)
 
 
