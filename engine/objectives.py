@@ -17,7 +17,7 @@ from cmiguard.kernels import backend
 from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction, affine_logits
 from cmiguard.purify import StreamingCentroids
 from cmiguard.transforms import LogitTransform
-from cmiguard.validation import check_labels, check_logits
+from cmiguard.validation import check_device, check_labels, check_logits
 
 
 def _triton_objective(logits, labels, transform, estimator, state, lams):
@@ -43,6 +43,7 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
 def _check_rows(logits: Tensor, labels: Tensor, transform: LogitTransform) -> None:
     """Validated ``[N, V]`` logits and labels, no label on a masked token."""
     check_logits(logits, transform.vocab_size)
+    check_device(logits, transform)
     check_labels(labels, logits.shape[0], transform.vocab_size)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V] rows, got shape {tuple(logits.shape)}")

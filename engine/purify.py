@@ -13,7 +13,7 @@ from cmiguard.kernels.reference import (
     purify_reference,
 )
 from cmiguard.transforms import LogitTransform
-from cmiguard.validation import check_labels, check_logits
+from cmiguard.validation import check_device, check_labels, check_logits
 
 OUTPUTS = ("logits", "logprobs")
 
@@ -32,6 +32,7 @@ def purify(
     only, as a logprobs API does, without materialising the full output.
     """
     has_mask = check_logits(logits, transform.vocab_size)
+    check_device(logits, transform)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     tau = transform.temperature if temperature is None else float(temperature)

@@ -59,3 +59,13 @@ def check_labels(labels: Tensor, n_rows: int, vocab_size: int, ignore_index: int
             f"label {value} is out of range for vocab_size={vocab_size} "
             f"(use {ignore_index} to ignore a row)"
         )
+
+
+def check_device(logits: Tensor, module: torch.nn.Module, name: str = "transform") -> None:
+    """The module's parameters must sit on the logits' device (a kernel cannot mix them)."""
+    param = next(module.parameters(), None)
+    if param is not None and param.device != logits.device:
+        raise ValueError(
+            f"logits are on {logits.device} but the {name} is on {param.device}: "
+            f"move it with .to({str(logits.device)!r})"
+        )

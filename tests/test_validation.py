@@ -47,3 +47,12 @@ def test_label_on_a_masked_token_is_refused():
     z[1, 3] = float("-inf")
     with pytest.raises(ValueError, match="row 1: its label's logit is masked"):
         anti_distillation_loss(z, torch.tensor([0, 3]), LowRankTransform(5, 1))
+
+
+def test_a_transform_on_another_device_is_named():
+    """CPU logits with a transform elsewhere (the meta device stands in for a GPU)."""
+    transform = LowRankTransform(3, 1).to("meta")
+    with pytest.raises(ValueError, match="logits are on cpu but the transform is on meta"):
+        purify(torch.zeros(2, 3), transform)
+    with pytest.raises(ValueError, match="move it with .to\\('cpu'\\)"):
+        anti_distillation_loss(torch.zeros(2, 3), torch.tensor([0, 0]), transform)
