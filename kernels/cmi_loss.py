@@ -1,12 +1,14 @@
 """Fused training objective: transform + softmax + per-label CMI statistics.
 
-Forward (:func:`stats_kernel`), one row block per program: pass 1 keeps
-running log-sum-exps of ``t/τ``, ``t`` and ``z``; pass 2 recomputes ``p``,
+Forward, one program per (row block, vocabulary chunk): pass 1
+(:func:`~cmiguard.kernels.tile.lse_kernel`) takes the log-sum-exps of
+``t/τ``, ``t`` and ``z``; pass 2 (:func:`stats_kernel`) recomputes ``p``,
 scatters it into the label centroids (atomics), and sums ``Σ p log p``,
 ``Σ p log Q`` (against given centroids: the streaming estimator's one pass),
 the label logit and ``KL(softmax(z) ‖ softmax(t))``. The exact estimator
-runs pass 2 once more against the finished centroids. Only the row
-statistics are saved, never ``[N, V]`` probabilities.
+runs pass 2 once more against the finished centroids. Per-chunk results are
+combined in torch; only the ``[N, 7]`` row statistics are saved, never
+``[N, V]`` probabilities.
 
 Backward (:func:`grad_kernel`): ``∂L/∂t`` from the closed form of DESIGN.md
 (``g = log p − log Q``, then the softmax backward), recomputing ``p`` from
@@ -21,14 +23,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cmiguard.kernels.config import launch_config
-from cmiguard.kernels.purify import project
+from cmiguard.kernels.config import launch_config, vocab_split
+from cmiguard.kernels.purify import OPTIONS, kernel_flags, kernel_operands, project, row_lse
 from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
-from cmiguard.kernels.tile import finish_lse, load_tile, online_lse, transform_tile
+from cmiguard.kernels.tile import load_tile, transform_tile
 
-# columns of the [N, 8] row statistics
+# columns of the [N, 7] row statistics: row_lse's three, then stats_kernel's four
 LSE_TAU, LSE_T, LSE_Z, NEG_ENTROPY, CROSS, LABEL_LOGIT, KL = range(7)
-N_STATS = 8
 
 
 @triton.jit
@@ -41,11 +42,13 @@ def stats_kernel(
     z_ptr,
     labels_ptr,
     group_ptr,
+    lse_ptr,
     sums_ptr,
     logq_ptr,
-    stats_ptr,
+    part_ptr,
     N,
     V,
+    v_chunk,
     stride_x,
     stride_z,
     inv_tau,
@@ -60,43 +63,27 @@ def stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
 ):
+    """One vocabulary chunk's share of the row sums, ``part[split, row, 0..3]``:
+    ``Σ p log p``, ``Σ p log Q``, the label logit and ``KL(softmax(z) ‖ softmax(t))``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    srow = stats_ptr + rows.to(tl.int64) * 8
     y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     g = tl.load(group_ptr + rows, mask=row_ok, other=-1)
     in_cmi = row_ok & (g >= 0)
-    if FIRST:
-        m1 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        m3 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        s3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
-            m1, s1 = online_lse(m1, s1, t * inv_tau)
-            m2, s2 = online_lse(m2, s2, t)
-            if NEED_KL:
-                ok = row_ok[:, None] & (cols[None, :] < V)
-                zt = load_tile(z_ptr, rows, cols, N, V, stride_z, float("-inf"))
-                m3, s3 = online_lse(m3, s3, zt)
-        lse_tau = finish_lse(m1, s1)
-        lse_t = finish_lse(m2, s2)
-        lse_z = finish_lse(m3, s3)
-    else:
-        lse_tau = tl.load(srow + 0, mask=row_ok, other=0.0)
-        lse_t = tl.load(srow + 1, mask=row_ok, other=0.0)
+    lse_tau = tl.load(lse_ptr + rows * 3 + 0, mask=row_ok, other=0.0)
+    lse_t = tl.load(lse_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
+    lse_z = tl.load(lse_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
     neg_entropy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     cross = tl.zeros((BLOCK_N,), dtype=tl.float32)
     label_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     kl = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_lo = tl.program_id(1) * v_chunk
+    for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols[None, :] < V)
-        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
         logp = t * inv_tau - lse_tau[:, None]
         p = tl.exp(logp)
         live = p > 0
@@ -118,15 +105,13 @@ def stats_kernel(
                 logq_ptr + g[:, None].to(tl.int64) * V + cols[None, :], mask=cmi_ok, other=0.0
             )
             cross += tl.sum(tl.where(live & cmi_ok, p * log_c, 0.0), axis=1)
+    out = part_ptr + (tl.program_id(1) * N + rows).to(tl.int64) * 4
     if FIRST:
-        tl.store(srow + 0, lse_tau, mask=row_ok)
-        tl.store(srow + 1, lse_t, mask=row_ok)
-        tl.store(srow + 2, lse_z, mask=row_ok)
-        tl.store(srow + 3, neg_entropy, mask=row_ok)
-        tl.store(srow + 5, label_logit, mask=row_ok)
-        tl.store(srow + 6, kl, mask=row_ok)
+        tl.store(out + 0, neg_entropy, mask=row_ok)
+        tl.store(out + 2, label_logit, mask=row_ok)
+        tl.store(out + 3, kl, mask=row_ok)
     if CROSS:
-        tl.store(srow + 4, cross, mask=row_ok)
+        tl.store(out + 1, cross, mask=row_ok)
 
 
 @triton.jit
@@ -147,6 +132,7 @@ def grad_kernel(
     grad_bias_ptr,
     N,
     V,
+    v_chunk,
     stride_x,
     stride_z,
     inv_tau,
@@ -159,10 +145,11 @@ def grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    srow = stats_ptr + rows.to(tl.int64) * 8
+    srow = stats_ptr + rows.to(tl.int64) * 7
     y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     g = tl.load(group_ptr + rows, mask=row_ok, other=-1)
     lse_tau = tl.load(srow + 0, mask=row_ok, other=0.0)
@@ -172,11 +159,12 @@ def grad_kernel(
     w_cmi = tl.load(weights_ptr + rows * 3 + 0, mask=row_ok, other=0.0) * inv_tau
     w_ce = tl.load(weights_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
     w_kl = tl.load(weights_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
+    v_lo = tl.program_id(1) * v_chunk
+    for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         ok = row_ok[:, None] & col_ok[None, :]
-        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
         logp = t * inv_tau - lse_tau[:, None]
         p = tl.exp(logp)
         cmi_ok = ok & (g[:, None] >= 0)
@@ -201,15 +189,9 @@ def grad_kernel(
             tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, axis=0), mask=col_ok)
 
 
-def _launch_args(x: Tensor, u, b, scale, bias):
-    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
-    return (
-        x,
-        u if u is not None else dummy,
-        b if b is not None else dummy,
-        scale if scale is not None else dummy,
-        bias if bias is not None else dummy,
-    ), dummy
+def _ops(x: Tensor, u, b, scale, bias) -> dict[str, object]:
+    """The operand dict of :mod:`cmiguard.kernels.purify` for these tensors."""
+    return {"x": x, "u": u, "b": b, "scale": scale, "bias": bias}
 
 
 class ProjectFunction(torch.autograd.Function):
@@ -263,77 +245,55 @@ class TritonObjectiveFunction(torch.autograd.Function):
         group_of_row = torch.full((n,), -1, dtype=torch.long, device=x.device)
         group_of_row[rows] = group
         valid = labels != IGNORE_INDEX
-        stats = torch.zeros(n, 8, dtype=torch.float32, device=x.device)
         need_kl = bool(lam_kl)
-        operands, dummy = _launch_args(x, u, b, scale, bias)
-        r = u.shape[1] if u is not None else 0
-        cfg = launch_config(n, v, r)
-        grid = (triton.cdiv(n, cfg.block_n),)
-        common = (z, labels, group_of_row)
-        flags = (r, u is not None, scale is not None, bias is not None)
-        blocks = (cfg.block_n, cfg.block_v, cfg.block_r)
+        ops = _ops(x, u, b, scale, bias)
+        cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
+        lse = row_lse(ops, z, temperature, cfg, need_t=True, need_z=need_kl)
+        splits, chunk = vocab_split(n, v, cfg, x.device)
+        part = torch.zeros(splits, n, 4, dtype=torch.float32, device=x.device)
+        dummy = lse
+
+        def pass_over_rows(sums, log_q, first, scatter, cross):
+            stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+                *kernel_operands(ops),
+                z,
+                labels,
+                group_of_row,
+                lse,
+                sums,
+                log_q,
+                part,
+                n,
+                v,
+                chunk,
+                x.stride(0),
+                z.stride(0),
+                1.0 / temperature,
+                *kernel_flags(ops),
+                first,
+                scatter,
+                cross,
+                need_kl,
+                cfg.block_n,
+                cfg.block_v,
+                cfg.block_r,
+                cfg.dot,
+                num_warps=cfg.num_warps,
+                **OPTIONS,
+            )
+
         n_groups = int(counts.numel())
         if log_centroids is None and n_groups > 0:
+            # exact: scatter the centroids, then the cross term against the finished ones
             sums = torch.zeros(n_groups, v, dtype=torch.float32, device=x.device)
-            stats_kernel[grid](
-                *operands,
-                *common,
-                sums,
-                dummy,
-                stats,
-                n,
-                v,
-                x.stride(0),
-                z.stride(0),
-                1.0 / temperature,
-                *flags,
-                True,
-                True,
-                False,
-                need_kl,
-                *blocks,
-            )
+            pass_over_rows(sums, dummy, True, True, False)
             log_centroids = _log_mean(sums, counts)
-            stats_kernel[grid](
-                *operands,
-                *common,
-                dummy,
-                log_centroids,
-                stats,
-                n,
-                v,
-                x.stride(0),
-                z.stride(0),
-                1.0 / temperature,
-                *flags,
-                False,
-                False,
-                True,
-                need_kl,
-                *blocks,
-            )
+            pass_over_rows(dummy, log_centroids, False, False, True)
         else:
             has_q = log_centroids is not None and n_groups > 0
-            log_q = log_centroids.contiguous() if has_q else dummy
-            stats_kernel[grid](
-                *operands,
-                *common,
-                dummy,
-                log_q,
-                stats,
-                n,
-                v,
-                x.stride(0),
-                z.stride(0),
-                1.0 / temperature,
-                *flags,
-                True,
-                False,
-                has_q,
-                need_kl,
-                *blocks,
-            )
-            log_centroids = log_q
+            log_centroids = log_centroids.contiguous() if has_q else dummy
+            pass_over_rows(dummy, log_centroids, True, False, has_q)
+        stats = torch.cat([lse, part.sum(0)], dim=1)
         kept = max(rows.numel(), 1)
         n_valid = max(int(valid.sum()), 1)
         cmi = (stats[rows, NEG_ENTROPY] - stats[rows, CROSS]).double().sum() / kept
@@ -346,7 +306,7 @@ class TritonObjectiveFunction(torch.autograd.Function):
         ctx.save_for_backward(
             x, u, b, scale, bias, z, labels, group_of_row, log_centroids, stats, weights
         )
-        ctx.config = (temperature, need_kl, cfg)
+        ctx.config = (temperature, need_kl, cfg, splits, chunk)
         loss = (lam_cmi * cmi + lam_ce * ce + lam_kl * kl).float()
         out_stats = torch.stack([cmi, ce, kl]).float()
         ctx.mark_non_differentiable(out_stats)
@@ -355,12 +315,12 @@ class TritonObjectiveFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         x, u, b, scale, bias, z, labels, group_of_row, log_q, stats, weights = ctx.saved_tensors
-        temperature, need_kl, cfg = ctx.config
+        temperature, need_kl, cfg, splits, chunk = ctx.config
         n, v = x.shape
         weights = weights * grad_loss.float()
-        operands, dummy = _launch_args(x, u, b, scale, bias)
-        r = u.shape[1] if u is not None else 0
+        ops = _ops(x, u, b, scale, bias)
         need_t = u is not None or ctx.needs_input_grad[0]
+        dummy = weights
         grad_t = torch.empty(n, v, dtype=torch.float32, device=x.device) if need_t else dummy
         grad_scale = (
             torch.zeros(v, dtype=torch.float32, device=x.device) if scale is not None else dummy
@@ -368,9 +328,8 @@ class TritonObjectiveFunction(torch.autograd.Function):
         grad_bias = (
             torch.zeros(v, dtype=torch.float32, device=x.device) if bias is not None else dummy
         )
-        grid = (triton.cdiv(n, cfg.block_n),)
-        grad_kernel[grid](
-            *operands,
+        grad_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+            *kernel_operands(ops),
             z,
             labels,
             group_of_row,
@@ -382,18 +341,19 @@ class TritonObjectiveFunction(torch.autograd.Function):
             grad_bias,
             n,
             v,
+            chunk,
             x.stride(0),
             z.stride(0),
             1.0 / temperature,
-            r,
-            u is not None,
-            scale is not None,
-            bias is not None,
+            *kernel_flags(ops),
             need_kl,
             need_t,
             cfg.block_n,
             cfg.block_v,
             cfg.block_r,
+            cfg.dot,
+            num_warps=cfg.num_warps,
+            **OPTIONS,
         )
         grad_x = grad_u = grad_b = None
         if ctx.needs_input_grad[0]:

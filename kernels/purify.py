@@ -1,10 +1,12 @@
-"""Fused purify: transform + temperature + (log-)softmax, one row block per program.
+"""Fused purify: transform + temperature + (log-)softmax, no ``[N, V]`` temporary.
 
+Each launch runs one program per (row block, vocabulary chunk), so that a
+single decode row still spreads over the chip (:func:`vocab_split`).
 ``output="logits"`` reads the logits once and writes ``T(z)/τ``;
-``"logprobs"`` reads them twice (running log-sum-exp, then the write).
-The low-rank product ``u = z A`` is one more read, done by
-:func:`project`. No ``[N, V]`` temporary is made; top-k goes through a
-bounded chunk of rows.
+``"logprobs"`` first takes per-chunk log-sum-exps (:func:`lse_kernel`,
+combined in torch: ``[N, splits]`` is small), then writes. The low-rank
+product ``u = z A`` is one more read (:func:`project`). Top-k goes through
+a bounded chunk of rows.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cmiguard.kernels.config import launch_config
+from cmiguard.kernels.config import LaunchConfig, launch_config, vocab_split
 from cmiguard.kernels.reference import affine_logits, row_chunks
-from cmiguard.kernels.tile import finish_lse, next_pow2, online_lse, project_kernel, transform_tile
+from cmiguard.kernels.tile import lse_kernel, project_kernel, transform_tile
+
+# the kernels recompute T(z) in every pass: each pass must round it the same
+# way, so no pass may fuse a multiply-add that another pass rounds separately
+OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -30,6 +36,7 @@ def purify_kernel(
     lse_ptr,
     N,
     V,
+    v_chunk,
     stride_x,
     stride_out,
     inv_tau,
@@ -41,44 +48,110 @@ def purify_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
 ):
+    """``T(z)/τ`` (minus the row's log-sum-exp for log-probs) over one chunk."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_out
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    if LOGPROBS:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    v_lo = tl.program_id(1) * v_chunk
+    for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
         t = t * inv_tau
         if LOGPROBS:
-            m, s = online_lse(m, s, t)
-        else:
-            ok = row_ok[:, None] & (cols[None, :] < V)
-            tl.store(out_rows + cols[None, :], t.to(out_ptr.dtype.element_ty), mask=ok)
-    if LOGPROBS:
-        lse = finish_lse(m, s)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R)  # fmt: skip
-            t = t * inv_tau - lse[:, None]
-            ok = row_ok[:, None] & (cols[None, :] < V)
-            tl.store(out_rows + cols[None, :], t.to(out_ptr.dtype.element_ty), mask=ok)
+            t = t - lse[:, None]
+        ok = row_ok[:, None] & (cols[None, :] < V)
+        tl.store(out_rows + cols[None, :], t.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def project(z: Tensor, a: Tensor) -> Tensor:
-    """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]``."""
+    """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]`` (per-chunk partial
+    products summed in torch, so the result does not depend on the order
+    programs finish in)."""
     n, v = z.shape
     r = a.shape[1]
-    u = torch.empty(n, r, dtype=torch.float32, device=z.device)
     cfg = launch_config(n, v, r)
-    r_pad = max(16, next_pow2(r))
-    grid = (triton.cdiv(n, cfg.block_n),)
+    splits, chunk = vocab_split(n, v, cfg, z.device)
+    part = torch.empty(splits, n, r, dtype=torch.float32, device=z.device)
+    grid = (triton.cdiv(n, cfg.block_n), splits, triton.cdiv(r, cfg.block_r))
     project_kernel[grid](
-        z, a.float().contiguous(), u, n, v, z.stride(0), r, r_pad, cfg.block_n, cfg.block_v
+        z,
+        a.float().contiguous(),
+        part,
+        n,
+        v,
+        chunk,
+        z.stride(0),
+        r,
+        cfg.block_n,
+        cfg.block_v,
+        cfg.block_r,
+        cfg.dot,
+        num_warps=cfg.num_warps,
+        **OPTIONS,
     )
-    return u
+    return part.sum(0)
+
+
+def row_lse(
+    ops: dict[str, object],
+    z: Tensor,
+    temperature: float,
+    cfg: LaunchConfig,
+    need_t: bool = False,
+    need_z: bool = False,
+) -> Tensor:
+    """``[N, 3]`` fp32: the log-sum-exps of ``T(z)/τ``, ``T(z)`` (if ``need_t``)
+    and ``z`` (if ``need_z``); 0 for an all-masked row (its outputs stay ``-inf``)."""
+    x = ops["x"]
+    n, v = x.shape
+    splits, chunk = vocab_split(n, v, cfg, x.device)
+    part = torch.full((splits, n, 3), float("-inf"), dtype=torch.float32, device=x.device)
+    lse_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        *kernel_operands(ops),
+        z,
+        part,
+        n,
+        v,
+        chunk,
+        x.stride(0),
+        z.stride(0),
+        1.0 / temperature,
+        *kernel_flags(ops),
+        need_t,
+        need_z,
+        cfg.block_n,
+        cfg.block_v,
+        cfg.block_r,
+        cfg.dot,
+        num_warps=cfg.num_warps,
+        **OPTIONS,
+    )
+    return torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
+
+
+def kernel_operands(ops: dict[str, object]) -> tuple:
+    """``(x, u, b, scale, bias)`` for a launch, a 1-element dummy for what is absent."""
+    x = ops["x"]
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    return (
+        x,
+        *(ops.get(k) if ops.get(k) is not None else dummy for k in ("u", "b", "scale", "bias")),
+    )
+
+
+def kernel_flags(ops: dict[str, object]) -> tuple:
+    """``(R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS)``."""
+    u = ops.get("u")
+    return (
+        u.shape[1] if u is not None else 0,
+        u is not None,
+        ops.get("scale") is not None,
+        ops.get("bias") is not None,
+    )
 
 
 def transform_operands(z: Tensor, params: dict[str, Tensor | None]) -> dict[str, object]:
@@ -96,40 +169,33 @@ def transform_operands(z: Tensor, params: dict[str, Tensor | None]) -> dict[str,
     return ops
 
 
-def launch_purify(
-    ops: dict[str, object], out: Tensor, temperature: float, logprobs: bool
-) -> Tensor:
-    """Run :func:`purify_kernel` over all rows of ``ops["x"]`` into ``out``; returns the lse."""
+def launch_purify(ops: dict[str, object], out: Tensor, temperature: float, logprobs: bool) -> None:
+    """Purify all rows of ``ops["x"]`` into ``out`` (log-sum-exp pass first for log-probs)."""
     x = ops["x"]
     n, v = x.shape
-    u, b = ops.get("u"), ops.get("b")
-    r = u.shape[1] if u is not None else 0
-    cfg = launch_config(n, v, r)
-    lse = torch.empty(n, dtype=torch.float32, device=x.device)
-    dummy = lse
-    purify_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x,
-        u if u is not None else dummy,
-        b if b is not None else dummy,
-        ops.get("scale", dummy),
-        ops.get("bias", dummy),
+    u = ops.get("u")
+    cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
+    lse = row_lse(ops, x, temperature, cfg)[:, 0].contiguous() if logprobs else None
+    splits, chunk = vocab_split(n, v, cfg, x.device)
+    purify_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        *kernel_operands(ops),
         out,
-        lse,
+        lse if lse is not None else out,
         n,
         v,
+        chunk,
         x.stride(0),
         out.stride(0),
         1.0 / temperature,
-        r,
-        u is not None,
-        "scale" in ops,
-        "bias" in ops,
+        *kernel_flags(ops),
         logprobs,
         cfg.block_n,
         cfg.block_v,
         cfg.block_r,
+        cfg.dot,
+        num_warps=cfg.num_warps,
+        **OPTIONS,
     )
-    return lse
 
 
 def purify_triton(

@@ -2,8 +2,9 @@
 
 ``t = x ⊙ scale + u Bᵀ + bias`` for ``BLOCK_N`` rows × ``BLOCK_V`` columns,
 ``-inf`` where ``x`` is ``-inf`` (masked tokens) or out of range. For the
-low-rank families ``x = z`` and ``u = z A`` (computed once per row block);
-for ``dense`` the caller passes ``x = z Wᵀ + b`` and no low-rank part.
+low-rank families ``x = z`` and ``u = z A`` (:func:`project_kernel`, once per
+call); for ``dense`` the caller passes ``x = z Wᵀ + b`` and no low-rank part.
+Also here: the per-chunk log-sum-exp pass that purify and the objective share.
 Row offsets are 64-bit: ``N·V`` can pass 2³¹ (N = 16k, V = 152k does).
 """
 
@@ -28,6 +29,7 @@ def transform_tile(
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     row_ok = rows < N
     col_ok = cols < V
@@ -37,7 +39,7 @@ def transform_tile(
     if HAS_SCALE:
         t = t * tl.load(scale_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)[None, :]
     if HAS_LOWRANK:
-        for r0 in tl.static_range(0, R, BLOCK_R):
+        for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             u = tl.load(
                 u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
@@ -49,7 +51,7 @@ def transform_tile(
                 mask=col_ok[None, :] & (rr[:, None] < R),
                 other=0.0,
             )
-            t += tl.dot(u, bt, input_precision="ieee")
+            t += tl.dot(u, bt, input_precision=DOT)
     if HAS_BIAS:
         t = t + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(masked, float("-inf"), t)
@@ -73,43 +75,99 @@ def online_lse(m, s, t):
 
 
 @triton.jit
-def finish_lse(m, s):
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m_safe + tl.log(tl.maximum(s, 1e-30))  # s >= 1 on real rows; padding rows stay finite
+def chunk_lse(m, s):
+    """The finished log-sum-exp of one chunk: ``-inf`` where the chunk is all masked."""
+    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.maximum(s, 1e-30)))
+
+
+@triton.jit
+def lse_kernel(
+    x_ptr,
+    u_ptr,
+    b_ptr,
+    scale_ptr,
+    bias_ptr,
+    z_ptr,
+    part_ptr,
+    N,
+    V,
+    v_chunk,
+    stride_x,
+    stride_z,
+    inv_tau,
+    R: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NEED_T: tl.constexpr,
+    NEED_Z: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Per vocabulary chunk, the log-sum-exps of ``T(z)/τ`` and, when asked, of
+    ``T(z)`` and of the raw ``z``: ``part[split, row, 0..2]``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    m1 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m3 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_lo = split * v_chunk
+    for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
+        m1, s1 = online_lse(m1, s1, t * inv_tau)
+        if NEED_T:
+            m2, s2 = online_lse(m2, s2, t)
+        if NEED_Z:
+            m3, s3 = online_lse(m3, s3, load_tile(z_ptr, rows, cols, N, V, stride_z, float("-inf")))
+    out = part_ptr + (split * N + rows).to(tl.int64) * 3
+    row_ok = rows < N
+    tl.store(out, chunk_lse(m1, s1), mask=row_ok)
+    if NEED_T:
+        tl.store(out + 1, chunk_lse(m2, s2), mask=row_ok)
+    if NEED_Z:
+        tl.store(out + 2, chunk_lse(m3, s3), mask=row_ok)
 
 
 @triton.jit
 def project_kernel(
     z_ptr,
     a_ptr,
-    u_ptr,
+    part_ptr,
     N,
     V,
+    v_chunk,
     stride_z,
     R: tl.constexpr,
-    R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
 ):
-    """``u = z A`` with masked (``-inf``) logits read as 0."""
+    """``z A`` over one vocabulary chunk and ``BLOCK_R`` of A's columns, masked
+    (``-inf``) logits read as 0: ``part[split, row, r]``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, R_PAD)
-    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    split = tl.program_id(1)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    v_lo = split * v_chunk
+    for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        ok = (rows[:, None] < N) & (cols[None, :] < V)
-        z = tl.load(
-            z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], mask=ok, other=0.0
-        ).to(tl.float32)
+        z = load_tile(z_ptr, rows, cols, N, V, stride_z, 0.0)
         z = tl.where(z == float("-inf"), 0.0, z)
         a = tl.load(
             a_ptr + cols[:, None].to(tl.int64) * R + rr[None, :],
             mask=(cols[:, None] < V) & (rr[None, :] < R),
             other=0.0,
         ).to(tl.float32)
-        acc += tl.dot(z, a, input_precision="ieee")
+        acc += tl.dot(z, a, input_precision=DOT)
     tl.store(
-        u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
+        part_ptr + (split * N + rows)[:, None].to(tl.int64) * R + rr[None, :],
         acc,
         mask=(rows[:, None] < N) & (rr[None, :] < R),
     )

@@ -12,9 +12,10 @@ from triton.backends.compiler import GPUTarget
 
 from cmiguard.kernels.cmi_loss import grad_kernel, stats_kernel
 from cmiguard.kernels.purify import purify_kernel
-from cmiguard.kernels.tile import project_kernel
+from cmiguard.kernels.tile import lse_kernel, project_kernel
 
-INTS = {"N": "i32", "V": "i32", "stride_x": "i64", "stride_z": "i64", "stride_out": "i64"}
+INTS = {"N", "V", "v_chunk"}
+STRIDES = {"stride_x", "stride_z", "stride_out"}
 
 
 def signature(fn, constexprs, pointer_types):
@@ -25,7 +26,9 @@ def signature(fn, constexprs, pointer_types):
         elif name.endswith("_ptr"):
             sig[name] = pointer_types.get(name, "*fp32")
         elif name in INTS:
-            sig[name] = INTS[name]
+            sig[name] = "i32"
+        elif name in STRIDES:
+            sig[name] = "i64"
         else:
             sig[name] = "fp32"
     return sig
@@ -35,27 +38,27 @@ def compile_one(fn, constexprs, pointer_types=None):
     src = triton.compiler.ASTSource(
         fn=fn, signature=signature(fn, constexprs, pointer_types or {}), constexprs=constexprs
     )
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}
+    )
     assert "ptx" in kernel.asm and len(kernel.asm["ptx"]) > 1000
     return fn.__name__
 
 
 def main():
-    tile = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_R": 64}
+    tile = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "tf32x3"}
     flags = {"R": 64, "HAS_LOWRANK": True, "HAS_SCALE": True, "HAS_BIAS": True}
+    half = {"x_ptr": "*bf16", "out_ptr": "*bf16"}
     done = [
-        compile_one(
-            purify_kernel,
-            {**flags, **tile, "LOGPROBS": True},
-            {"x_ptr": "*bf16", "out_ptr": "*bf16"},
-        ),
+        compile_one(purify_kernel, {**flags, **tile, "LOGPROBS": True}, half),
         compile_one(
             purify_kernel,
             {**flags, **tile, "R": 0, "HAS_LOWRANK": False, "HAS_SCALE": False, "LOGPROBS": False},
         ),
+        compile_one(lse_kernel, {**flags, **tile, "NEED_T": True, "NEED_Z": True}, half),
         compile_one(
             project_kernel,
-            {"R": 48, "R_PAD": 64, "BLOCK_N": 32, "BLOCK_V": 128},
+            {"R": 256, "BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "ieee"},
             {"z_ptr": "*fp16"},
         ),
     ]
