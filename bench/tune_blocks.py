@@ -1,0 +1,112 @@
+"""Sweep the kernels' launch configurations on a GPU: block sizes, warps, dot precision.
+
+    python bench/tune_blocks.py [--out results.json]
+
+For each shape, times purify (fp32 log-probs) and one training step
+(``anti_distillation_loss`` forward + backward) under every configuration in
+``CONFIGS``, side by side in one run, plus purify with a transform that has
+no low-rank part (what the passes cost in memory traffic alone). Prints a
+table with each time, its ratio to the current default and the fraction of
+the measured copy bandwidth; writes the rows as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cmiguard  # noqa: E402
+from bench.problems import Case, make_inputs, min_bytes  # noqa: E402
+from bench.report import copy_bandwidth  # noqa: E402
+from cmiguard.kernels.config import LaunchConfig, forced, launch_config  # noqa: E402
+from cmiguard.kernels.purify import purify_triton  # noqa: E402
+
+SHAPES = [(1, 151_936, 64), (1024, 49_152, 64), (8192, 151_936, 64)]
+# (block_n, block_v, num_warps, dot)
+CONFIGS = [
+    (16, 128, 4, "tf32x3"),
+    (32, 128, 4, "tf32x3"),
+    (32, 128, 8, "tf32x3"),
+    (64, 128, 8, "tf32x3"),
+    (32, 256, 8, "tf32x3"),
+    (16, 64, 4, "tf32x3"),
+    (32, 128, 4, "ieee"),
+]
+
+
+def timed(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
+
+
+def step(case: Case, z, labels, t):
+    if case.op == "purify":
+        return lambda: cmiguard.purify(z, t, output="logprobs")
+
+    def train():
+        cmiguard.anti_distillation_loss(z, labels, t).backward()
+
+    return train
+
+
+def sweep(case: Case, bandwidth: float) -> list[dict]:
+    """Every configuration on one shape (plus the no-low-rank purify)."""
+    z, labels, t = make_inputs(case, "cuda")
+    variants = [("default", launch_config(case.n, case.v, case.rank))]
+    variants += [
+        (f"{bn}x{bv} w{w} {d}", LaunchConfig(bn, bv, 64, w, d)) for bn, bv, w, d in CONFIGS
+    ]
+    timings = []
+    for name, cfg in variants:
+        with forced(cfg):
+            timings.append((name, case.rank, timed(step(case, z, labels, t))))
+    if case.op == "purify":
+        scale = {"scale": torch.ones(case.v, device="cuda")}
+        timings.append(("no low-rank", 0, timed(lambda: purify_triton(z, scale, 1.0, "logprobs"))))
+    base = timings[0][2]
+    return [
+        {
+            "op": case.op,
+            "n": case.n,
+            "v": case.v,
+            "rank": rank,
+            "config": name,
+            "s": seconds,
+            "default_over_this": base / seconds,
+            "of_copy_bandwidth": min_bytes(Case(case.op, case.n, case.v, rank))
+            / seconds
+            / bandwidth,
+        }
+        for name, rank, seconds in timings
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("tune_blocks.json"))
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    rows: list[dict] = []
+    work = [Case(op, n, v, r) for n, v, r in SHAPES for op in ("purify", "train")]
+    for case in tqdm(work, desc="shapes"):
+        rows += sweep(case, bandwidth)
+        args.out.write_text(json.dumps({"copy_gbps": bandwidth / 1e9, "rows": rows}, indent=1))
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:,.0f} GB/s (read + write)\n")
+    print("| op | N | V | config | ms | default/this | of copy bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['op']} | {r['n']} | {r['v']} | {r['config']} | {r['s'] * 1e3:.3f} "
+            f"| {r['default_over_this']:.2f}x | {r['of_copy_bandwidth']:.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
