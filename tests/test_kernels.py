@@ -19,6 +19,7 @@ from cmiguard import (
     purify,
 )
 from cmiguard.kernels import backend
+from cmiguard.kernels.config import LaunchConfig, forced, launch_config, vocab_split
 from cmiguard.kernels.purify import purify_triton
 from cmiguard.kernels.reference import affine_logits, label_groups, purify_reference
 from cmiguard.purify import StreamingCentroids
@@ -245,3 +246,15 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend(cpu)
+
+
+@pytest.mark.parametrize("v", [1, 7, 1000, 49_152, 151_936])
+def test_vocab_split_covers_the_vocabulary_once(v):
+    cfg = launch_config(3, v, 5)
+    splits, chunk = vocab_split(3, v, cfg, DEVICE)
+    assert chunk % cfg.block_v == 0
+    assert (splits - 1) * chunk < v <= splits * chunk  # no empty chunk, none missing
+    with forced(LaunchConfig(16, 64, 16)):
+        assert launch_config(3, v, 5) == LaunchConfig(16, 64, 16)
+        assert vocab_split(3, v, launch_config(3, v, 5), DEVICE)[1] % 64 == 0
+    assert launch_config(3, v, 5) == cfg
