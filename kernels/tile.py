@@ -171,7 +171,3 @@ def project_kernel(
         acc,
         mask=(rows[:, None] < N) & (rr[None, :] < R),
     )
-
-
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
