@@ -31,5 +31,6 @@ def test_speed(benchmark, case, impl):
         sync()
 
     benchmark.group = case.label
+    # a timing, not a test: `make bench` enables it (pytest's default run disables
+    # pytest-benchmark and calls `run` once, which still checks that it runs)
     benchmark.pedantic(run, rounds=5, iterations=1)
-    assert benchmark.stats.stats.median > 0
