@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cmiguard.kernels.config import launch_config, vocab_split
-from cmiguard.kernels.purify import OPTIONS, kernel_flags, kernel_operands, project, row_lse
+from cmiguard.kernels.purify import kernel_flags, kernel_operands, project, row_lse
 from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
 from cmiguard.kernels.tile import load_tile, transform_tile
 
@@ -274,12 +274,8 @@ class TritonObjectiveFunction(torch.autograd.Function):
                 scatter,
                 cross,
                 need_kl,
-                cfg.block_n,
-                cfg.block_v,
-                cfg.block_r,
-                cfg.dot,
-                num_warps=cfg.num_warps,
-                **OPTIONS,
+                *cfg.constexprs,
+                **cfg.options,
             )
 
         n_groups = int(counts.numel())
@@ -348,12 +344,8 @@ class TritonObjectiveFunction(torch.autograd.Function):
             *kernel_flags(ops),
             need_kl,
             need_t,
-            cfg.block_n,
-            cfg.block_v,
-            cfg.block_r,
-            cfg.dot,
-            num_warps=cfg.num_warps,
-            **OPTIONS,
+            *cfg.constexprs,
+            **cfg.options,
         )
         grad_x = grad_u = grad_b = None
         if ctx.needs_input_grad[0]:

@@ -33,6 +33,18 @@ class LaunchConfig:
     # (three TF32 tensor-core products, fp32-level error)
     dot: str = "ieee"
 
+    @property
+    def constexprs(self) -> tuple[int, int, int, str]:
+        """``(BLOCK_N, BLOCK_V, BLOCK_R, DOT)``: every kernel's last four arguments."""
+        return (self.block_n, self.block_v, self.block_r, self.dot)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """Launch options. The kernels recompute ``T(z)`` in every pass, and each
+        pass must round it the same way: no FMA contraction, which fuses a
+        product into one pass's subtraction and rounds it in another's max."""
+        return {"num_warps": self.num_warps, "enable_fp_fusion": False}
+
 
 _forced: LaunchConfig | None = None
 

@@ -20,10 +20,6 @@ from cmiguard.kernels.config import LaunchConfig, launch_config, vocab_split
 from cmiguard.kernels.reference import affine_logits, row_chunks
 from cmiguard.kernels.tile import lse_kernel, project_kernel, transform_tile
 
-# the kernels recompute T(z) in every pass: each pass must round it the same
-# way, so no pass may fuse a multiply-add that another pass rounds separately
-OPTIONS = {"enable_fp_fusion": False}
-
 
 @triton.jit
 def purify_kernel(
@@ -86,12 +82,8 @@ def project(z: Tensor, a: Tensor) -> Tensor:
         chunk,
         z.stride(0),
         r,
-        cfg.block_n,
-        cfg.block_v,
-        cfg.block_r,
-        cfg.dot,
-        num_warps=cfg.num_warps,
-        **OPTIONS,
+        *cfg.constexprs,
+        **cfg.options,
     )
     return part.sum(0)
 
@@ -123,12 +115,8 @@ def row_lse(
         *kernel_flags(ops),
         need_t,
         need_z,
-        cfg.block_n,
-        cfg.block_v,
-        cfg.block_r,
-        cfg.dot,
-        num_warps=cfg.num_warps,
-        **OPTIONS,
+        *cfg.constexprs,
+        **cfg.options,
     )
     return torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
 
@@ -189,12 +177,8 @@ def launch_purify(ops: dict[str, object], out: Tensor, temperature: float, logpr
         1.0 / temperature,
         *kernel_flags(ops),
         logprobs,
-        cfg.block_n,
-        cfg.block_v,
-        cfg.block_r,
-        cfg.dot,
-        num_warps=cfg.num_warps,
-        **OPTIONS,
+        *cfg.constexprs,
+        **cfg.options,
     )
 
 
