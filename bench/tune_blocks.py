@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cmiguard  # noqa: E402
-from bench.problems import Case, make_inputs, min_bytes  # noqa: E402
-from bench.report import copy_bandwidth  # noqa: E402
+from bench.problems import Case, implementations, make_inputs, min_bytes  # noqa: E402
+from bench.report import copy_bandwidth, time_cuda  # noqa: E402
 from cmiguard.kernels.config import LaunchConfig, forced, launch_config  # noqa: E402
 from cmiguard.kernels.purify import purify_triton  # noqa: E402
 
@@ -41,20 +39,6 @@ CONFIGS = [
 ]
 
 
-def timed(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
-
-
-def step(case: Case, z, labels, t):
-    if case.op == "purify":
-        return lambda: cmiguard.purify(z, t, output="logprobs")
-
-    def train():
-        cmiguard.anti_distillation_loss(z, labels, t).backward()
-
-    return train
-
-
 def sweep(case: Case, bandwidth: float) -> list[dict]:
     """Every configuration on one shape (plus the no-low-rank purify)."""
     z, labels, t = make_inputs(case, "cuda")
@@ -62,13 +46,16 @@ def sweep(case: Case, bandwidth: float) -> list[dict]:
     variants += [
         (f"{bn}x{bv} w{w} {d}", LaunchConfig(bn, bv, 64, w, d)) for bn, bv, w, d in CONFIGS
     ]
+    ours = implementations(case, z, labels, t)["ours"]
     timings = []
     for name, cfg in variants:
         with forced(cfg):
-            timings.append((name, case.rank, timed(step(case, z, labels, t))))
+            timings.append((name, case.rank, time_cuda(ours)))
     if case.op == "purify":
         scale = {"scale": torch.ones(case.v, device="cuda")}
-        timings.append(("no low-rank", 0, timed(lambda: purify_triton(z, scale, 1.0, "logprobs"))))
+        timings.append(
+            ("no low-rank", 0, time_cuda(lambda: purify_triton(z, scale, 1.0, "logprobs")))
+        )
     base = timings[0][2]
     return [
         {
