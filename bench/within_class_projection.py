@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from cmiguard import LowRankTransform, cmi
-from cmiguard.data import capital_questions, mc_examples, text_examples, wiki_summaries
-from cmiguard.demo import DemoConfig, shrink_to_constraints
+from cmiguard.demo import DemoConfig, shrink_to_constraints, split_examples
 from cmiguard.evaluate import teacher_rows
 from cmiguard.kernels.reference import label_groups
 from cmiguard.models import load_teacher
@@ -42,8 +41,7 @@ def main() -> None:
     pad = tokenizer.pad_token_id
 
     def rows_of(split: str, articles: int):
-        examples = text_examples(tokenizer, wiki_summaries(split, articles), cfg.max_tokens)
-        examples += mc_examples(tokenizer, capital_questions(split))
+        examples = split_examples(tokenizer, split, articles, cfg.max_tokens)
         return teacher_rows(teacher, examples, pad, desc=f"{split} rows")
 
     calibration = rows_of("calibration", cfg.calibration_articles)

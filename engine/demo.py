@@ -12,6 +12,7 @@ import torch
 
 from cmiguard.checkpoint import save_transform, vocab_fingerprint
 from cmiguard.data import (
+    Example,
     capital_questions,
     label_counts,
     mc_examples,
@@ -92,6 +93,12 @@ def shrink_to_constraints(
     return margin * hi
 
 
+def split_examples(tokenizer: Any, split: str, articles: int, max_tokens: int) -> list[Example]:
+    """One split's rows: Wikipedia next-token text, then the capital questions."""
+    texts = text_examples(tokenizer, wiki_summaries(split, articles), max_tokens)
+    return texts + mc_examples(tokenizer, capital_questions(split))
+
+
 def run_demo(
     config: DemoConfig | None = None, out_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -101,12 +108,10 @@ def run_demo(
     start = time.perf_counter()
     teacher, tokenizer = load_teacher()
     pad = tokenizer.pad_token_id
-    calibration = text_examples(
-        tokenizer, wiki_summaries("calibration", config.calibration_articles), config.max_tokens
-    ) + mc_examples(tokenizer, capital_questions("calibration"))
-    heldout = text_examples(
-        tokenizer, wiki_summaries("heldout", config.heldout_articles), config.max_tokens
-    ) + mc_examples(tokenizer, capital_questions("heldout"))
+    calibration = split_examples(
+        tokenizer, "calibration", config.calibration_articles, config.max_tokens
+    )
+    heldout = split_examples(tokenizer, "heldout", config.heldout_articles, config.max_tokens)
     surrogate = make_surrogate(
         teacher,
         calibration,
