@@ -18,7 +18,7 @@ from cmiguard import (
     cmi,
     purify,
 )
-from cmiguard.kernels import backend
+from cmiguard.kernels import TWIN_MAX_LOGITS, auto_backend, backend
 from cmiguard.kernels.config import LaunchConfig, forced, launch_config, vocab_split
 from cmiguard.kernels.purify import purify_triton
 from cmiguard.kernels.reference import affine_logits, label_groups, purify_reference
@@ -239,6 +239,10 @@ def test_backend_selection(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("CMIGUARD_BACKEND", raising=False)
     assert backend(cpu) == "torch"
+    assert backend(torch.zeros(TWIN_MAX_LOGITS + 1, device="meta")) == "torch"
+    assert auto_backend("cuda", TWIN_MAX_LOGITS + 1) == "triton"
+    assert auto_backend("cuda", TWIN_MAX_LOGITS) == "torch"  # a decode batch
+    assert auto_backend("cpu", 1 << 40) == "torch"
     monkeypatch.setenv("CMIGUARD_BACKEND", "cuda")
     with pytest.raises(ValueError, match="CMIGUARD_BACKEND must be one of"):
         backend(cpu)
