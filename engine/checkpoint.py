@@ -119,6 +119,11 @@ def load_transform(
         transform.load_state_dict(state)
     except Exception as exc:
         raise ValueError(f"{path}: tensors do not match its metadata ({exc})") from exc
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{path}: tensor {bad[0]!r} contains NaN or inf (a diverged training run?)"
+        )
     return transform.to(device)
 
 
@@ -128,8 +133,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint written by :func:`save_checkpoint`."""
+    """Read a training checkpoint written by :func:`save_checkpoint` (tensors and
+    plain values only: ``weights_only`` runs no pickled code from the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable training checkpoint: {exc}") from exc

@@ -11,7 +11,7 @@ from cmiguard import (
     load_transform,
     save_transform,
 )
-from cmiguard.checkpoint import atomic_write
+from cmiguard.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from tests.conftest import random_logits, trained_like
 
 
@@ -54,6 +54,16 @@ def test_truncated_file_is_refused(tmp_path):
         load_transform(path)
 
 
+def test_non_finite_weights_are_refused(tmp_path):
+    transform = LowRankTransform(20, 2)
+    with torch.no_grad():
+        transform.a[3, 1] = float("nan")
+    path = tmp_path / "t.safetensors"
+    save_transform(transform, path)
+    with pytest.raises(ValueError, match="tensor 'a' contains NaN or inf"):
+        load_transform(path)
+
+
 def _rewrite_metadata(path, **changes):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
@@ -91,3 +101,18 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, broken)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
+class _Payload:
+    """Stands for a pickled object a tampered checkpoint could smuggle in."""
+
+
+def test_checkpoints_load_tensors_and_plain_values_only(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 3, "w": torch.ones(2), "history": [{"loss": 0.5}]})
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and state["history"] == [{"loss": 0.5}]
+    torch.testing.assert_close(state["w"], torch.ones(2))
+    torch.save({"step": 3, "payload": _Payload()}, path)
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        load_checkpoint(path)
