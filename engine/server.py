@@ -128,6 +128,10 @@ class Engine:
         self.config = config
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        # a reply ends at the model's end-of-turn token(s), as OpenAI's does
+        self.eos_ids: set[int] = {eos} if isinstance(eos, int) else set(eos or ())
         self.worker: asyncio.Task | None = None
 
     async def submit(self, job: Job) -> dict[str, Any]:
@@ -192,7 +196,7 @@ class Engine:
             top_p=None,
             logits_processor=LogitsProcessorList([capture]),
             pad_token_id=self.pad_id,
-            eos_token_id=None,
+            eos_token_id=sorted(self.eos_ids) or None,
         )
         capture.settle(out[:, -1])
         new = out[:, width:].cpu()
@@ -200,8 +204,12 @@ class Engine:
 
     def _result(self, job: Job, tokens, capture: CaptureLogits, row: int) -> dict[str, Any]:
         """One request's reply from its row of the batch (top-k sorted, so its own
-        ``top_logprobs`` are the first of the batch's largest ``k``)."""
+        ``top_logprobs`` are the first of the batch's largest ``k``), cut before
+        its first end-of-turn token (``finish_reason`` "stop")."""
         tokens = [int(t) for t in tokens[: job.max_tokens]]
+        end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        if end is not None:
+            tokens = tokens[:end]
         decode = self.tokenizer.decode
         entries = []
         for step, tok in enumerate(tokens):
@@ -220,6 +228,7 @@ class Engine:
             "entries": entries,
             "prompt_tokens": len(job.prompt_ids),
             "completion_tokens": len(tokens),
+            "finish_reason": "length" if end is None else "stop",
         }
 
 
@@ -328,7 +337,7 @@ def create_app(
                     "index": 0,
                     "text": result["text"],
                     "logprobs": logprobs,
-                    "finish_reason": "length",
+                    "finish_reason": result["finish_reason"],
                 }
             ],
             "usage": _usage(result),
@@ -373,7 +382,7 @@ def create_app(
                     "index": 0,
                     "message": {"role": "assistant", "content": result["text"]},
                     "logprobs": logprobs,
-                    "finish_reason": "length",
+                    "finish_reason": result["finish_reason"],
                 }
             ],
             "usage": _usage(result),

@@ -1,5 +1,6 @@
 """The real openai client against a local ``cmiguard serve`` app (tiny model, real tokenizer)."""
 
+import copy
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import torch
 
 from cmiguard import LowRankTransform
 from cmiguard.models import tiny_model
-from cmiguard.server import ServerConfig, create_app
+from cmiguard.server import Engine, Job, ServerConfig, create_app
 
 KEY = "test-key"
 TAU = 2.5
@@ -143,3 +144,31 @@ def test_chat_rejects_negative_top_logprobs_and_auth_is_required(server):
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert r.status_code == 413
+
+
+def test_replies_stop_at_the_end_of_turn_token(teacher):
+    model, tokenizer = copy.deepcopy(teacher[0]), teacher[1]
+    prompt = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    config = ServerConfig("smollm2", max_new_tokens=8)
+
+    def reply(eos, max_tokens=6):
+        model.generation_config.eos_token_id = eos
+        engine = Engine(model, tokenizer, None, config)
+        return engine.generate([Job(prompt, max_tokens, 0.0, 2, None, None)])[0]
+
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+    ids = out[0, len(prompt) :].tolist()
+    first = ids.index(ids[3])
+    assert first > 0, ids  # the greedy reply does not open with its fourth token
+    free = reply([])  # no end-of-turn token: every step is generated
+    assert free["finish_reason"] == "length" and free["completion_tokens"] == 6
+    assert free["text"] == tokenizer.decode(ids)
+    stopped = reply(ids[3])  # the fourth token (or an earlier copy) ends the turn
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == tokenizer.decode(ids[:first])
+    assert stopped["completion_tokens"] == first == len(stopped["entries"])
+    assert stopped["entries"] == free["entries"][:first]
+    assert reply(ids[3], max_tokens=first)["finish_reason"] == "length"
