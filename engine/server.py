@@ -28,6 +28,7 @@ from cmiguard.generation import purify_padded
 from cmiguard.transforms import LogitTransform
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOPS = 4
 
 
 class ApiError(Exception):
@@ -36,13 +37,37 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.kind = status, message, code, kind
 
 
-class CompletionRequest(BaseModel):
+class Options(BaseModel):
+    """What both endpoints share. ``stream`` and ``n`` are declared so that asking
+    for what this server does not do fails clearly instead of being ignored."""
+
     model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = 1
+
+    def stops(self) -> tuple[str, ...]:
+        """The stop sequences, checked (at most ``MAX_STOPS``, none empty)."""
+        if self.stream:
+            raise ApiError(400, "stream=true is not supported by this server", "unsupported")
+        if self.n != 1:
+            raise ApiError(
+                400, f"n={self.n} is not supported: one choice per request", "unsupported"
+            )
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        if len(stops) > MAX_STOPS or not all(stops):
+            raise ApiError(
+                400, f"stop takes up to {MAX_STOPS} non-empty strings", "invalid_request"
+            )
+        return tuple(stops)
+
+
+class CompletionRequest(Options):
     prompt: str
     max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    seed: int | None = None
 
 
 class ChatMessage(BaseModel):
@@ -50,15 +75,12 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str
+class ChatRequest(Options):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    seed: int | None = None
 
 
 @dataclass
@@ -69,6 +91,7 @@ class Job:
     top_logprobs: int
     seed: int | None
     future: asyncio.Future = field(repr=False)
+    stop: tuple[str, ...] = ()
 
 
 class CaptureLogits(LogitsProcessor):
@@ -205,12 +228,21 @@ class Engine:
     def _result(self, job: Job, tokens, capture: CaptureLogits, row: int) -> dict[str, Any]:
         """One request's reply from its row of the batch (top-k sorted, so its own
         ``top_logprobs`` are the first of the batch's largest ``k``), cut before
-        its first end-of-turn token (``finish_reason`` "stop")."""
+        its first end-of-turn token or stop sequence (``finish_reason`` "stop";
+        the text keeps what precedes the stop sequence, the token list the
+        tokens before the one it starts in)."""
+        decode = self.tokenizer.decode
         tokens = [int(t) for t in tokens[: job.max_tokens]]
         end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         if end is not None:
             tokens = tokens[:end]
-        decode = self.tokenizer.decode
+        text = decode(tokens)
+        for k in range(len(tokens) if job.stop else 0):
+            so_far = decode(tokens[: k + 1])
+            found = [i for i in (so_far.find(s) for s in job.stop) if i >= 0]
+            if found:
+                end, text, tokens = k, so_far[: min(found)], tokens[:k]
+                break
         entries = []
         for step, tok in enumerate(tokens):
             top = []
@@ -224,7 +256,7 @@ class Engine:
                 {"token": decode([tok]), "logprob": float(capture.chosen[step][row]), "top": top}
             )
         return {
-            "text": self.tokenizer.decode(tokens),
+            "text": text,
             "entries": entries,
             "prompt_tokens": len(job.prompt_ids),
             "completion_tokens": len(tokens),
@@ -295,9 +327,9 @@ def create_app(
                 "max_tokens_too_large",
             )
 
-    def new_job(prompt_ids, max_tokens, temperature, top, seed) -> Job:
+    def new_job(req: Options, prompt_ids: list[int], max_tokens: int, top: int) -> Job:
         future = asyncio.get_running_loop().create_future()
-        return Job(prompt_ids, max_tokens, temperature, top, seed, future)
+        return Job(prompt_ids, max_tokens, req.temperature, top, req.seed, future, req.stops())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -311,9 +343,7 @@ def create_app(
         prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=False)
         check(req.model, prompt_ids, req.max_tokens)
         top = req.logprobs or 0
-        result = await engine.submit(
-            new_job(prompt_ids, req.max_tokens, req.temperature, top, req.seed)
-        )
+        result = await engine.submit(new_job(req, prompt_ids, req.max_tokens, top))
         logprobs = None
         if req.logprobs is not None:
             entries = result["entries"]
@@ -353,9 +383,7 @@ def create_app(
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_request")
         top = req.top_logprobs or 0
-        result = await engine.submit(
-            new_job(prompt_ids, max_tokens, req.temperature, top, req.seed)
-        )
+        result = await engine.submit(new_job(req, prompt_ids, max_tokens, top))
         logprobs = None
         if req.logprobs:
             logprobs = {

@@ -89,6 +89,19 @@ def test_chat_completions_with_top_logprobs(server):
     assert out.usage.completion_tokens == 2
 
 
+def test_stop_sequences_through_the_api(server):
+    def ask(**kw):
+        return client(server).completions.create(
+            model="tiny", prompt="Tell me", max_tokens=4, temperature=0, **kw
+        )
+
+    free = ask().choices[0]
+    stop = free.text[len(free.text) // 2 :]
+    assert free.finish_reason == "length" and stop
+    cut = ask(stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+
+
 def test_32_concurrent_clients_all_answer(server):
     c = client(server)
 
@@ -113,6 +126,14 @@ def test_32_concurrent_clients_all_answer(server):
         (b'{"model": "tiny", "prompt": "x", "logprobs": 21}', 400, "invalid_request"),
         (b'{"model": "tiny", "prompt": "x", "max_tokens": 999}', 400, "max_tokens_too_large"),
         (b'{"model": "tiny", "prompt": "' + b"word " * 200 + b'"}', 400, "context_length_exceeded"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "stream": true}', 400, "unsupported"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "n": 2}', 400, "unsupported"),
+        (
+            b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "stop": ["a", "b", "c", "d", "e"]}',
+            400,
+            "invalid_request",
+        ),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "stop": ""}', 400, "invalid_request"),
     ],
 )
 def test_bad_requests_get_4xx(server, body, status, code):
@@ -146,15 +167,15 @@ def test_chat_rejects_negative_top_logprobs_and_auth_is_required(server):
     assert r.status_code == 413
 
 
-def test_replies_stop_at_the_end_of_turn_token(teacher):
+def test_replies_stop_at_the_end_of_turn_token_and_stop_sequences(teacher):
     model, tokenizer = copy.deepcopy(teacher[0]), teacher[1]
     prompt = tokenizer.encode("The capital of France is", add_special_tokens=False)
     config = ServerConfig("smollm2", max_new_tokens=8)
 
-    def reply(eos, max_tokens=6):
+    def reply(eos, max_tokens=6, stop=()):
         model.generation_config.eos_token_id = eos
         engine = Engine(model, tokenizer, None, config)
-        return engine.generate([Job(prompt, max_tokens, 0.0, 2, None, None)])[0]
+        return engine.generate([Job(prompt, max_tokens, 0.0, 2, None, None, stop)])[0]
 
     model.generation_config.eos_token_id = None
     with torch.no_grad():
@@ -172,3 +193,11 @@ def test_replies_stop_at_the_end_of_turn_token(teacher):
     assert stopped["completion_tokens"] == first == len(stopped["entries"])
     assert stopped["entries"] == free["entries"][:first]
     assert reply(ids[3], max_tokens=first)["finish_reason"] == "length"
+    # " Paris.\n\nThe answer": a stop sequence cuts the text where it starts
+    # and the tokens before the one it starts in
+    period = reply([], stop=("xyz", "."))
+    assert period["text"] == tokenizer.decode(ids[:1]) and period["finish_reason"] == "stop"
+    assert period["entries"] == free["entries"][:1]
+    inside = reply([], stop=("aris",))
+    assert inside["text"] == " P" and inside["entries"] == [] and inside["completion_tokens"] == 0
+    assert reply([], stop=("Berlin",)) == free
