@@ -48,8 +48,9 @@ class Options(BaseModel):
     stream: bool = False
     n: int = 1
 
-    def stops(self) -> tuple[str, ...]:
-        """The stop sequences, checked (at most ``MAX_STOPS``, none empty)."""
+    def checked_stops(self) -> tuple[str, ...]:
+        """Refuse what this server does not do (``stream``, ``n > 1``); the stop
+        sequences (at most ``MAX_STOPS``, none empty)."""
         if self.stream:
             raise ApiError(400, "stream=true is not supported by this server", "unsupported")
         if self.n != 1:
@@ -328,8 +329,9 @@ def create_app(
             )
 
     def new_job(req: Options, prompt_ids: list[int], max_tokens: int, top: int) -> Job:
+        stops = req.checked_stops()
         future = asyncio.get_running_loop().create_future()
-        return Job(prompt_ids, max_tokens, req.temperature, top, req.seed, future, req.stops())
+        return Job(prompt_ids, max_tokens, req.temperature, top, req.seed, future, stops)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
