@@ -38,8 +38,9 @@ class ApiError(Exception):
 
 
 class Options(BaseModel):
-    """What both endpoints share. ``stream`` and ``n`` are declared so that asking
-    for what this server does not do fails clearly instead of being ignored."""
+    """What both endpoints share. ``stream``, ``n`` and ``logit_bias`` are
+    declared so that asking for what this server does not do fails clearly
+    instead of being ignored."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -47,16 +48,21 @@ class Options(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
+    logit_bias: dict[str, float] | None = None
 
     def checked_stops(self) -> tuple[str, ...]:
-        """Refuse what this server does not do (``stream``, ``n > 1``); the stop
-        sequences (at most ``MAX_STOPS``, none empty)."""
+        """Refuse what this server does not do; the stop sequences (at most
+        ``MAX_STOPS``, none empty)."""
         if self.stream:
             raise ApiError(400, "stream=true is not supported by this server", "unsupported")
         if self.n != 1:
             raise ApiError(
                 400, f"n={self.n} is not supported: one choice per request", "unsupported"
             )
+        if self.logit_bias:
+            # biasing chosen tokens to the top reads the full logit vector out of
+            # a top-k API, a few tokens per query (Carlini et al. 2024)
+            raise ApiError(400, "logit_bias is not supported by this server", "unsupported")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if len(stops) > MAX_STOPS or not all(stops):
             raise ApiError(

@@ -129,6 +129,11 @@ def test_32_concurrent_clients_all_answer(server):
         (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "stream": true}', 400, "unsupported"),
         (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "n": 2}', 400, "unsupported"),
         (
+            b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "logit_bias": {"13": 100}}',
+            400,
+            "unsupported",
+        ),
+        (
             b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "stop": ["a", "b", "c", "d", "e"]}',
             400,
             "invalid_request",
