@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests compiled (no interpreter), the benchmark
 # report, the kernels-vs-twin crossover and the launch-configuration sweep,
-# each under a time limit, logs and results under $OUT (default bench/gpu-logs). Needs the package importable
+# each under a time limit, logs and results under $OUT (default bench/gpu-logs).
+# Needs the package importable
 # (`pip install --no-deps --no-build-isolation -e .` where torch/triton exist).
 set -u -o pipefail
 OUT=${OUT:-bench/gpu-logs}
