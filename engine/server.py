@@ -244,12 +244,13 @@ class Engine:
         if end is not None:
             tokens = tokens[:end]
         text = decode(tokens)
-        for k in range(len(tokens) if job.stop else 0):
-            so_far = decode(tokens[: k + 1])
-            found = [i for i in (so_far.find(s) for s in job.stop) if i >= 0]
-            if found:
-                end, text, tokens = k, so_far[: min(found)], tokens[:k]
-                break
+        if any(s in text for s in job.stop):  # then find the token the first one starts in
+            for k in range(len(tokens)):
+                so_far = decode(tokens[: k + 1])
+                found = [i for i in (so_far.find(s) for s in job.stop) if i >= 0]
+                if found:
+                    end, text, tokens = k, so_far[: min(found)], tokens[:k]
+                    break
         entries = []
         for step, tok in enumerate(tokens):
             top = []
