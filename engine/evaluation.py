@@ -48,7 +48,17 @@ ATTACKS |= {
     "adaptive_linear": {"attack": "forward_kl", "adaptive": "linear"},
 }
 QUICK_ATTACKS = ("forward_kl", "reverse_kl", "top5")
-DEFENSES = ("no_defense", "cmiguard", "temperature", "top1_only", "top5_truncation", "noise")
+# soften: cmiguard's own serving temperature without its learned map, the
+# control that says what the learned part adds
+DEFENSES = (
+    "no_defense",
+    "cmiguard",
+    "soften",
+    "temperature",
+    "top1_only",
+    "top5_truncation",
+    "noise",
+)
 
 
 @dataclass
@@ -86,6 +96,8 @@ def defense_fn(
         return lambda z: torch.log_softmax(z.float(), -1)
     if name == "cmiguard":
         return lambda z: purify(z, transform, output="logprobs")
+    if name == "soften":
+        return lambda z: torch.log_softmax(z.float() / transform.temperature, -1)
     if name == "temperature":
         return lambda z: torch.log_softmax(z.float() / config.sharpen_temperature, -1)
     if name == "top1_only":

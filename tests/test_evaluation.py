@@ -79,6 +79,14 @@ def test_defenses_hand_out_log_probabilities():
         torch.testing.assert_close(lp.exp().sum(-1), torch.ones(5))
     top1 = defense_fn("top1_only", LowRankTransform(40, 2), EvalConfig())(z)
     assert torch.equal(top1.argmax(-1), z.argmax(-1)) and torch.isfinite(top1).sum() == 5
+    # soften is cmiguard without its learned map: equal while the map is the identity
+    fresh = LowRankTransform(40, 2, temperature=3.0)
+    soft = defense_fn("soften", fresh, EvalConfig())(z)
+    torch.testing.assert_close(soft, torch.log_softmax(z / 3.0, -1))
+    torch.testing.assert_close(soft, defense_fn("cmiguard", fresh, EvalConfig())(z))
+    with torch.no_grad():
+        fresh.b.normal_()
+    assert not torch.allclose(soft, defense_fn("cmiguard", fresh, EvalConfig())(z), atol=1e-2)
     with pytest.raises(ValueError, match="unknown defense"):
         defense_fn("encryption", LowRankTransform(40, 2), EvalConfig())
 
