@@ -38,31 +38,40 @@ class ApiError(Exception):
 
 
 class Options(BaseModel):
-    """What both endpoints share. ``stream``, ``n`` and ``logit_bias`` are
-    declared so that asking for what this server does not do fails clearly
-    instead of being ignored."""
+    """What both endpoints share. ``stream``, ``n``, ``logit_bias`` and the
+    penalties are declared so that asking for what this server does not do
+    fails clearly instead of being ignored."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
     logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+
+    def unsupported(self) -> str | None:
+        """The first thing asked for that this server does not do, if any."""
+        if self.stream:
+            return "stream=true"
+        if self.n != 1:
+            return f"n={self.n} (one choice per request)"
+        if self.logit_bias:
+            # biasing chosen tokens to the top reads the full logit vector out of
+            # a top-k API, a few tokens per query (Carlini et al. 2024)
+            return "logit_bias"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty and frequency_penalty other than 0"
+        return None
 
     def checked_stops(self) -> tuple[str, ...]:
         """Refuse what this server does not do; the stop sequences (at most
         ``MAX_STOPS``, none empty)."""
-        if self.stream:
-            raise ApiError(400, "stream=true is not supported by this server", "unsupported")
-        if self.n != 1:
-            raise ApiError(
-                400, f"n={self.n} is not supported: one choice per request", "unsupported"
-            )
-        if self.logit_bias:
-            # biasing chosen tokens to the top reads the full logit vector out of
-            # a top-k API, a few tokens per query (Carlini et al. 2024)
-            raise ApiError(400, "logit_bias is not supported by this server", "unsupported")
+        if what := self.unsupported():
+            raise ApiError(400, f"{what} is not supported by this server", "unsupported")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if len(stops) > MAX_STOPS or not all(stops):
             raise ApiError(
@@ -75,6 +84,15 @@ class CompletionRequest(Options):
     prompt: str
     max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo=true"
+        if self.best_of not in (None, 1):
+            return f"best_of={self.best_of}"
+        return super().unsupported()
 
 
 class ChatMessage(BaseModel):
@@ -99,6 +117,11 @@ class Job:
     seed: int | None
     future: asyncio.Future = field(repr=False)
     stop: tuple[str, ...] = ()
+    top_p: float = 1.0
+
+    def sampling(self) -> tuple[float, float, int | None]:
+        """What a batch must share: one ``generate`` call samples every row alike."""
+        return self.temperature, self.top_p, self.seed
 
 
 class CaptureLogits(LogitsProcessor):
@@ -183,7 +206,7 @@ class Engine:
             batch, rest = [first], []
             while not self.queue.empty() and len(batch) < self.config.max_batch:
                 job = self.queue.get_nowait()
-                same = (job.temperature, job.seed) == (first.temperature, first.seed)
+                same = job.sampling() == first.sampling()
                 (batch if same else rest).append(job)
             for job in rest:  # other sampling settings wait for the next round
                 self.queue.put_nowait(job)
@@ -213,7 +236,7 @@ class Engine:
         steps = max(j.max_tokens for j in batch)
         if steps == 0:
             return [self._result(j, [], capture, i) for i, j in enumerate(batch)]
-        temperature = batch[0].temperature
+        temperature, top_p = batch[0].temperature, batch[0].top_p
         if batch[0].seed is not None:
             torch.manual_seed(batch[0].seed)
         out = self.model.generate(
@@ -223,7 +246,7 @@ class Engine:
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
             top_k=None,
-            top_p=None,
+            top_p=top_p if temperature > 0 and top_p < 1 else None,
             logits_processor=LogitsProcessorList([capture]),
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
@@ -338,7 +361,7 @@ def create_app(
     def new_job(req: Options, prompt_ids: list[int], max_tokens: int, top: int) -> Job:
         stops = req.checked_stops()
         future = asyncio.get_running_loop().create_future()
-        return Job(prompt_ids, max_tokens, req.temperature, top, req.seed, future, stops)
+        return Job(prompt_ids, max_tokens, req.temperature, top, req.seed, future, stops, req.top_p)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -102,6 +102,33 @@ def test_stop_sequences_through_the_api(server):
     assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
 
 
+def test_top_p_is_honoured_per_request_in_concurrent_batches(server):
+    c = client(server)
+
+    def ask(top_p, temperature=1.0):
+        return (
+            c.completions.create(
+                model="tiny",
+                prompt="Once upon",
+                max_tokens=4,
+                temperature=temperature,
+                top_p=top_p,
+                seed=7,
+            )
+            .choices[0]
+            .text
+        )
+
+    greedy = ask(1.0, temperature=0)
+    # a nucleus this small holds only the top token, so sampling is greedy; the
+    # tiny model's near-flat outputs make a sample with top_p=1 differ from it,
+    # so a batch that mixed the two settings would show
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(ask, [1e-9, 1.0] * 4))
+    assert texts[0::2] == [greedy] * 4
+    assert all(t != greedy for t in texts[1::2])
+
+
 def test_32_concurrent_clients_all_answer(server):
     c = client(server)
 
@@ -139,6 +166,19 @@ def test_32_concurrent_clients_all_answer(server):
             "invalid_request",
         ),
         (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "stop": ""}', 400, "invalid_request"),
+        (b'{"model": "tiny", "prompt": "x", "top_p": 0}', 400, "invalid_request"),
+        (
+            b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "presence_penalty": 0.5}',
+            400,
+            "unsupported",
+        ),
+        (
+            b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "frequency_penalty": -1}',
+            400,
+            "unsupported",
+        ),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "echo": true}', 400, "unsupported"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "best_of": 3}', 400, "unsupported"),
     ],
 )
 def test_bad_requests_get_4xx(server, body, status, code):
