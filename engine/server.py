@@ -2,33 +2,42 @@
 
 Requests queue (bounded) for a single generation worker that batches those
 with the same sampling settings; each step's logits go through the transform
-before anything (sampling, ``logprobs``, ``top_logprobs``) sees them. With a
-folded model the transform is already in the LM head and the server runs
-with ``transform=None``. Bad requests get OpenAI-style 4xx errors, never 500.
+before anything (sampling, ``logprobs``, ``top_logprobs``) sees them. A
+streamed request gets its reply as server-sent events while the batch runs.
+With a folded model the transform is already in the LM head and the server
+runs with ``transform=None``. Bad requests get OpenAI-style 4xx errors, never
+500; a failed batch answers 500 (streamed: an error event) and is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
+import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cmiguard.generation import purify_padded
+from cmiguard.replies import Reply
 from cmiguard.transforms import LogitTransform
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -37,10 +46,14 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.kind = status, message, code, kind
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class Options(BaseModel):
-    """What both endpoints share. ``stream``, ``n``, ``logit_bias`` and the
-    penalties are declared so that asking for what this server does not do
-    fails clearly instead of being ignored."""
+    """What both endpoints share. ``n``, ``logit_bias`` and the penalties are
+    declared so that asking for what this server does not do fails clearly
+    instead of being ignored."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -48,6 +61,7 @@ class Options(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -55,8 +69,6 @@ class Options(BaseModel):
 
     def unsupported(self) -> str | None:
         """The first thing asked for that this server does not do, if any."""
-        if self.stream:
-            return "stream=true"
         if self.n != 1:
             return f"n={self.n} (one choice per request)"
         if self.logit_bias:
@@ -118,6 +130,9 @@ class Job:
     future: asyncio.Future = field(repr=False)
     stop: tuple[str, ...] = ()
     top_p: float = 1.0
+    # streamed: the reply's pieces, ("delta", text, entries) then ("end", result)
+    # or ("error", exception), put here as the batch runs
+    chunks: asyncio.Queue | None = field(default=None, repr=False)
 
     def sampling(self) -> tuple[float, float, int | None]:
         """What a batch must share: one ``generate`` call samples every row alike."""
@@ -127,11 +142,17 @@ class Job:
 class CaptureLogits(LogitsProcessor):
     """Purify (when a transform is set) and keep what the reply needs of each
     step: its top-``k`` log-probs, and the chosen token's log-prob once the next
-    step (or :meth:`settle` at the end) shows which token was chosen. Only one
-    step's ``[B, V]`` log-probs is ever held, not ``[B, steps, V]``."""
+    step (or :meth:`settle` at the end) shows which token was chosen, and
+    then hand ``on_token(step, tokens)`` those tokens. Only one step's
+    ``[B, V]`` log-probs is ever held, not ``[B, steps, V]``."""
 
-    def __init__(self, transform: LogitTransform | None, top_k: int) -> None:
-        self.transform, self.top_k = transform, top_k
+    def __init__(
+        self,
+        transform: LogitTransform | None,
+        top_k: int,
+        on_token: Callable[[int, Tensor], None] | None = None,
+    ) -> None:
+        self.transform, self.top_k, self.on_token = transform, top_k, on_token
         self.last: Tensor | None = None
         self.chosen: list[Tensor] = []  # per step, [B]
         self.top: list[tuple[Tensor, Tensor]] = []  # per step, ([B, k], [B, k])
@@ -141,6 +162,8 @@ class CaptureLogits(LogitsProcessor):
         if self.last is not None:
             self.chosen.append(self.last.gather(1, tokens[:, None]).squeeze(1).cpu())
             self.last = None
+            if self.on_token is not None:
+                self.on_token(len(self.chosen) - 1, tokens.cpu())
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         self.settle(input_ids[:, -1])
@@ -186,14 +209,18 @@ class Engine:
         # a reply ends at the model's end-of-turn token(s), as OpenAI's does
         self.eos_ids: set[int] = {eos} if isinstance(eos, int) else set(eos or ())
         self.worker: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def submit(self, job: Job) -> dict[str, Any]:
+    def enqueue(self, job: Job) -> None:
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull as exc:
             raise ApiError(
                 429, "the server is busy: request queue is full", "queue_full", "rate_limit"
             ) from exc
+
+    async def submit(self, job: Job) -> dict[str, Any]:
+        self.enqueue(job)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), self.config.timeout_s)
         except TimeoutError as exc:
@@ -201,6 +228,7 @@ class Engine:
             raise ApiError(504, "generation timed out", "timeout", "server_error") from exc
 
     async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
         while True:
             first = await self.queue.get()
             batch, rest = [first], []
@@ -219,12 +247,17 @@ class Engine:
                     if not job.future.done():
                         job.future.set_result(result)
             except Exception as exc:  # a failed batch answers every request in it
+                log.exception("a batch of %d requests failed", len(batch))
                 for job in batch:
+                    if job.chunks is not None:
+                        job.chunks.put_nowait(("error", exc))
                     if not job.future.done():
                         job.future.set_exception(exc)
 
     @torch.no_grad()
     def generate(self, batch: list[Job]) -> list[dict[str, Any]]:
+        """Run one batch: each job's result; a streamed job's pieces go to its
+        ``chunks`` as its tokens come."""
         width = max(len(j.prompt_ids) for j in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -232,67 +265,74 @@ class Engine:
             ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[i, width - len(job.prompt_ids) :] = 1
         device = next(self.model.parameters()).device
-        capture = CaptureLogits(self.transform, max(j.top_logprobs for j in batch))
-        steps = max(j.max_tokens for j in batch)
-        if steps == 0:
-            return [self._result(j, [], capture, i) for i, j in enumerate(batch)]
-        temperature, top_p = batch[0].temperature, batch[0].top_p
-        if batch[0].seed is not None:
-            torch.manual_seed(batch[0].seed)
-        out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=steps,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_k=None,
-            top_p=top_p if temperature > 0 and top_p < 1 else None,
-            logits_processor=LogitsProcessorList([capture]),
-            pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids) or None,
-        )
-        capture.settle(out[:, -1])
-        new = out[:, width:].cpu()
-        return [self._result(j, new[i], capture, i) for i, j in enumerate(batch)]
-
-    def _result(self, job: Job, tokens, capture: CaptureLogits, row: int) -> dict[str, Any]:
-        """One request's reply from its row of the batch (top-k sorted, so its own
-        ``top_logprobs`` are the first of the batch's largest ``k``), cut before
-        its first end-of-turn token or stop sequence (``finish_reason`` "stop";
-        the text keeps what precedes the stop sequence, the token list the
-        tokens before the one it starts in)."""
         decode = self.tokenizer.decode
-        tokens = [int(t) for t in tokens[: job.max_tokens]]
-        end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-        if end is not None:
-            tokens = tokens[:end]
-        text = decode(tokens)
-        if any(s in text for s in job.stop):  # then find the token the first one starts in
-            for k in range(len(tokens)):
-                so_far = decode(tokens[: k + 1])
-                found = [i for i in (so_far.find(s) for s in job.stop) if i >= 0]
-                if found:
-                    end, text, tokens = k, so_far[: min(found)], tokens[:k]
-                    break
-        entries = []
-        for step, tok in enumerate(tokens):
-            top = []
-            if job.top_logprobs:
-                values, ids = capture.top[step]
-                pairs = zip(
-                    values[row, : job.top_logprobs], ids[row, : job.top_logprobs], strict=True
-                )
-                top = [(decode([int(t)]), float(v)) for v, t in pairs]
-            entries.append(
-                {"token": decode([tok]), "logprob": float(capture.chosen[step][row]), "top": top}
+        replies = [
+            Reply(j.stop, j.max_tokens, j.chunks is not None, decode, self.eos_ids) for j in batch
+        ]
+
+        ended: set[int] = set()
+
+        def result(row: int) -> dict[str, Any]:
+            return replies[row].result() | {"prompt_tokens": len(batch[row].prompt_ids)}
+
+        def stream(row: int) -> None:
+            """A streamed reply's new pieces, and its end as soon as it has one."""
+            job, reply = batch[row], replies[row]
+            if job.chunks is None or row in ended:
+                return
+            text, entries = reply.take()
+            if text or entries:
+                self._put(job, ("delta", text, entries))
+            if reply.finish is not None:
+                ended.add(row)
+                self._put(job, ("end", result(row)))
+
+        def on_token(step: int, tokens: Tensor) -> None:
+            for row, (job, reply) in enumerate(zip(batch, replies, strict=True)):
+                token = int(tokens[row])
+                reply.add(token, functools.partial(self._entry, job, capture, step, row, token))
+                stream(row)
+
+        capture = CaptureLogits(self.transform, max(j.top_logprobs for j in batch), on_token)
+        steps = max(j.max_tokens for j in batch)
+        if steps > 0:
+            temperature, top_p = batch[0].temperature, batch[0].top_p
+            if batch[0].seed is not None:
+                torch.manual_seed(batch[0].seed)
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=steps,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_k=None,
+                top_p=top_p if temperature > 0 and top_p < 1 else None,
+                logits_processor=LogitsProcessorList([capture]),
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids) or None,
             )
-        return {
-            "text": text,
-            "entries": entries,
-            "prompt_tokens": len(job.prompt_ids),
-            "completion_tokens": len(tokens),
-            "finish_reason": "length" if end is None else "stop",
-        }
+            capture.settle(out[:, -1])
+        for row, reply in enumerate(replies):
+            reply.close()
+            stream(row)
+        return [result(row) for row in range(len(batch))]
+
+    def _put(self, job: Job, item: tuple) -> None:
+        """Hand a piece to the request from the worker thread."""
+        self.loop.call_soon_threadsafe(job.chunks.put_nowait, item)
+
+    def _entry(
+        self, job: Job, capture: CaptureLogits, step: int, row: int, token: int
+    ) -> dict[str, Any]:
+        """A token's logprobs entry from its row of the batch (top-k sorted, so
+        the job's own ``top_logprobs`` are the first of the batch's largest ``k``)."""
+        decode = self.tokenizer.decode
+        top = []
+        if job.top_logprobs:
+            values, ids = capture.top[step]
+            pairs = zip(values[row, : job.top_logprobs], ids[row, : job.top_logprobs], strict=True)
+            top = [(decode([int(t)]), float(v)) for v, t in pairs]
+        return {"token": decode([token]), "logprob": float(capture.chosen[step][row]), "top": top}
 
 
 def create_app(
@@ -320,6 +360,11 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error(exc.status, exc.message, exc.code, exc.kind)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, exc: Exception) -> JSONResponse:
+        # the cause is logged, not handed to clients
+        return error(500, "generation failed", "internal_error", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -361,7 +406,57 @@ def create_app(
     def new_job(req: Options, prompt_ids: list[int], max_tokens: int, top: int) -> Job:
         stops = req.checked_stops()
         future = asyncio.get_running_loop().create_future()
-        return Job(prompt_ids, max_tokens, req.temperature, top, req.seed, future, stops, req.top_p)
+        chunks = asyncio.Queue() if req.stream else None
+        return Job(
+            prompt_ids, max_tokens, req.temperature, top, req.seed, future, stops, req.top_p, chunks
+        )
+
+    Choice = Callable[[str, list[dict], str | None, bool], dict[str, Any]]
+
+    async def answer(req: Options, job: Job, objects: tuple[str, str], choice: Choice) -> Any:
+        """The whole reply, or (``stream``) its pieces as server-sent events;
+        ``choice(text, entries, finish_reason, streamed)`` shapes one choice."""
+        head = {
+            "id": f"{objects[0][:4]}-{uuid.uuid4().hex}",
+            "object": objects[0],
+            "created": int(time.time()),
+            "model": config.model_name,
+        }
+        if not req.stream:
+            result = await engine.submit(job)
+            reply = choice(result["text"], result["entries"], result["finish_reason"], False)
+            return head | {"choices": [reply], "usage": _usage(result)}
+        engine.enqueue(job)
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        head["object"] = objects[1]
+        return StreamingResponse(events(job, head, choice, usage), media_type="text/event-stream")
+
+    async def events(job: Job, head: dict, choice: Choice, usage: bool) -> AsyncIterator[str]:
+        try:
+            while True:
+                try:
+                    kind, *data = await asyncio.wait_for(job.chunks.get(), config.timeout_s)
+                except TimeoutError:
+                    kind, data = "error", [ApiError(504, "generation timed out", "timeout")]
+                if kind == "error":
+                    err = data[0]
+                    if not isinstance(err, ApiError):
+                        err = ApiError(500, "generation failed", "internal_error", "server_error")
+                    yield _event(
+                        {"error": {"message": err.message, "type": err.kind, "code": err.code}}
+                    )
+                    return
+                if kind == "delta":
+                    yield _event(head | {"choices": [choice(*data, None, True)]})
+                    continue
+                (result,) = data
+                yield _event(head | {"choices": [choice("", [], result["finish_reason"], True)]})
+                if usage:
+                    yield _event(head | {"choices": [], "usage": _usage(result)})
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            job.future.cancel()  # a client that left before its batch ran is skipped
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -371,42 +466,32 @@ def create_app(
         }
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> dict[str, Any]:
+    async def completions(req: CompletionRequest) -> Any:
         prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=False)
         check(req.model, prompt_ids, req.max_tokens)
-        top = req.logprobs or 0
-        result = await engine.submit(new_job(req, prompt_ids, req.max_tokens, top))
-        logprobs = None
-        if req.logprobs is not None:
-            entries = result["entries"]
-            offsets, pos = [], len(req.prompt)
-            for e in entries:
-                offsets.append(pos)
-                pos += len(e["token"])
-            logprobs = {
-                "tokens": [e["token"] for e in entries],
-                "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [dict(e["top"]) for e in entries],
-                "text_offset": offsets,
-            }
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": config.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": result["text"],
-                    "logprobs": logprobs,
-                    "finish_reason": result["finish_reason"],
+        job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0)
+        offset = len(req.prompt)  # of the next token's text
+
+        def choice(text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
+            nonlocal offset
+            logprobs = None
+            if req.logprobs is not None:
+                starts = list(
+                    itertools.accumulate((len(e["token"]) for e in entries), initial=offset)
+                )
+                offset = starts.pop()
+                logprobs = {
+                    "tokens": [e["token"] for e in entries],
+                    "token_logprobs": [e["logprob"] for e in entries],
+                    "top_logprobs": [dict(e["top"]) for e in entries],
+                    "text_offset": starts,
                 }
-            ],
-            "usage": _usage(result),
-        }
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+        return await answer(req, job, ("text_completion", "text_completion"), choice)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> dict[str, Any]:
+    async def chat(req: ChatRequest) -> Any:
         messages = [m.model_dump() for m in req.messages]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -414,41 +499,40 @@ def create_app(
         check(req.model, prompt_ids, max_tokens)
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_request")
-        top = req.top_logprobs or 0
-        result = await engine.submit(new_job(req, prompt_ids, max_tokens, top))
-        logprobs = None
-        if req.logprobs:
-            logprobs = {
-                "content": [
-                    {
-                        "token": e["token"],
-                        "logprob": e["logprob"],
-                        "bytes": list(e["token"].encode()),
-                        "top_logprobs": [
-                            {"token": t, "logprob": v, "bytes": list(t.encode())}
-                            for t, v in e["top"]
-                        ],
-                    }
-                    for e in result["entries"]
-                ]
-            }
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": config.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
-                    "logprobs": logprobs,
-                    "finish_reason": result["finish_reason"],
-                }
-            ],
-            "usage": _usage(result),
-        }
+        job = new_job(req, prompt_ids, max_tokens, req.top_logprobs or 0)
+        first = True
+
+        def choice(text: str, entries: list[dict], finish: str | None, streamed: bool) -> dict:
+            nonlocal first
+            logprobs = {"content": [_chat_entry(e) for e in entries]} if req.logprobs else None
+            if streamed:  # the role comes with the first piece
+                message = ({"role": "assistant"} if first else {}) | (
+                    {"content": text} if text else {}
+                )
+                first = False
+            else:
+                message = {"role": "assistant", "content": text}
+            key = "delta" if streamed else "message"
+            return {"index": 0, key: message, "logprobs": logprobs, "finish_reason": finish}
+
+        return await answer(req, job, ("chat.completion", "chat.completion.chunk"), choice)
 
     return app
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _chat_entry(e: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "token": e["token"],
+        "logprob": e["logprob"],
+        "bytes": list(e["token"].encode()),
+        "top_logprobs": [
+            {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e["top"]
+        ],
+    }
 
 
 def _usage(result: dict[str, Any]) -> dict[str, int]:

@@ -134,14 +134,57 @@ def test_32_concurrent_clients_all_answer(server):
     c = client(server)
 
     def ask(i):
-        return c.completions.create(
-            model="tiny", prompt=f"Number {i} is", max_tokens=4, logprobs=2, temperature=0
-        )
+        kw = {"model": "tiny", "prompt": f"Number {i} is", "max_tokens": 4, "temperature": 0}
+        if i % 2:  # streamed and whole replies share batches
+            chunks = list(c.completions.create(stream=True, logprobs=2, **kw))
+            return [t for ch in chunks for t in ch.choices[0].logprobs.tokens]
+        return c.completions.create(logprobs=2, **kw).choices[0].logprobs.tokens
 
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
     assert len(answers) == 32
-    assert all(len(a.choices[0].logprobs.tokens) == 4 for a in answers)
+    assert all(len(tokens) == 4 for tokens in answers)
+
+
+def test_streamed_completions_add_up_to_the_whole_reply(server):
+    c = client(server)
+    kw = {"model": "tiny", "prompt": "Tell me", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = c.completions.create(**kw).choices[0]
+    chunks = [ch.choices[0] for ch in c.completions.create(stream=True, **kw)]
+    texts = [ch.text for ch in chunks]
+    assert "".join(texts) == whole.text and sum(1 for t in texts if t) > 1
+    assert chunks[-1].finish_reason == whole.finish_reason == "length"
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        streamed = [x for ch in chunks for x in getattr(ch.logprobs, key)]
+        assert streamed == getattr(whole.logprobs, key), key
+    stop = whole.text[len(whole.text) // 2 :]
+    cut = list(c.completions.create(stream=True, stop=[stop], **kw))
+    assert "".join(ch.choices[0].text for ch in cut) == whole.text[: whole.text.find(stop)]
+    assert cut[-1].choices[0].finish_reason == "stop"
+
+
+def test_streamed_chat_with_logprobs_and_usage(server):
+    c = client(server)
+    kw = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    whole = c.chat.completions.create(**kw)
+    chunks = list(
+        c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [ch.choices[0] for ch in chunks if ch.choices]
+    assert "".join(p.delta.content or "" for p in pieces) == whole.choices[0].message.content
+    entries = [(e.token, e.logprob) for p in pieces for e in p.logprobs.content]
+    assert entries == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+    assert pieces[-1].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
 ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
@@ -157,7 +200,6 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"logprobs": 21}, 400, "invalid_request"),
         (ASK | {"max_tokens": 999}, 400, "max_tokens_too_large"),
         (ASK | {"prompt": "word " * 200}, 400, "context_length_exceeded"),
-        (ASK | {"stream": True}, 400, "unsupported"),
         (ASK | {"n": 2}, 400, "unsupported"),
         (ASK | {"logit_bias": {"13": 100}}, 400, "unsupported"),
         (ASK | {"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request"),
@@ -234,3 +276,20 @@ def test_replies_stop_at_the_end_of_turn_token_and_stop_sequences(teacher):
     inside = reply([], stop=("aris",))
     assert inside["text"] == " P" and inside["entries"] == [] and inside["completion_tokens"] == 0
     assert reply([], stop=("Berlin",)) == free
+
+
+def test_a_failing_batch_answers_with_an_error_streamed_or_not(teacher):
+    from fastapi.testclient import TestClient
+
+    tokenizer = teacher[1]
+    model = tiny_model(len(tokenizer))
+    wider = LowRankTransform(len(tokenizer) + 8, 2)  # purifying the model's logits fails
+    app = create_app(model, tokenizer, wider, ServerConfig("tiny", max_new_tokens=4))
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    with TestClient(app, raise_server_exceptions=False) as http:
+        whole = http.post("/v1/completions", json=body)
+        with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as streamed:
+            events = [line for line in streamed.iter_lines() if line]
+    assert whole.status_code == 500 and whole.json()["error"]["code"] == "internal_error"
+    assert streamed.status_code == 200 and len(events) == 1
+    assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == "internal_error"
