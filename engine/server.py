@@ -412,13 +412,19 @@ def create_app(
         )
 
     Choice = Callable[[str, list[dict], str | None, bool], dict[str, Any]]
+    # id prefix, object, object of a streamed piece
+    kinds = {
+        "completion": ("cmpl", "text_completion", "text_completion"),
+        "chat": ("chatcmpl", "chat.completion", "chat.completion.chunk"),
+    }
 
-    async def answer(req: Options, job: Job, objects: tuple[str, str], choice: Choice) -> Any:
+    async def answer(req: Options, job: Job, kind: str, choice: Choice) -> Any:
         """The whole reply, or (``stream``) its pieces as server-sent events;
         ``choice(text, entries, finish_reason, streamed)`` shapes one choice."""
+        prefix, whole, piece = kinds[kind]
         head = {
-            "id": f"{objects[0][:4]}-{uuid.uuid4().hex}",
-            "object": objects[0],
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": whole,
             "created": int(time.time()),
             "model": config.model_name,
         }
@@ -428,7 +434,7 @@ def create_app(
             return head | {"choices": [reply], "usage": _usage(result)}
         engine.enqueue(job)
         usage = req.stream_options is not None and req.stream_options.include_usage
-        head["object"] = objects[1]
+        head["object"] = piece
         return StreamingResponse(events(job, head, choice, usage), media_type="text/event-stream")
 
     async def events(job: Job, head: dict, choice: Choice, usage: bool) -> AsyncIterator[str]:
@@ -437,7 +443,10 @@ def create_app(
                 try:
                     kind, *data = await asyncio.wait_for(job.chunks.get(), config.timeout_s)
                 except TimeoutError:
-                    kind, data = "error", [ApiError(504, "generation timed out", "timeout")]
+                    kind, data = (
+                        "error",
+                        [ApiError(504, "generation timed out", "timeout", "server_error")],
+                    )
                 if kind == "error":
                     err = data[0]
                     if not isinstance(err, ApiError):
@@ -488,7 +497,7 @@ def create_app(
                 }
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        return await answer(req, job, ("text_completion", "text_completion"), choice)
+        return await answer(req, job, "completion", choice)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
@@ -515,7 +524,7 @@ def create_app(
             key = "delta" if streamed else "message"
             return {"index": 0, key: message, "logprobs": logprobs, "finish_reason": finish}
 
-        return await answer(req, job, ("chat.completion", "chat.completion.chunk"), choice)
+        return await answer(req, job, "chat", choice)
 
     return app
 

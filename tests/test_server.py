@@ -150,7 +150,9 @@ def test_streamed_completions_add_up_to_the_whole_reply(server):
     c = client(server)
     kw = {"model": "tiny", "prompt": "Tell me", "max_tokens": 8, "temperature": 0, "logprobs": 2}
     whole = c.completions.create(**kw).choices[0]
-    chunks = [ch.choices[0] for ch in c.completions.create(stream=True, **kw)]
+    events = list(c.completions.create(stream=True, **kw))
+    assert events[0].id.startswith("cmpl-") and len({e.id for e in events}) == 1
+    chunks = [e.choices[0] for e in events]
     texts = [ch.text for ch in chunks]
     assert "".join(texts) == whole.text and sum(1 for t in texts if t) > 1
     assert chunks[-1].finish_reason == whole.finish_reason == "length"
@@ -177,7 +179,8 @@ def test_streamed_chat_with_logprobs_and_usage(server):
     chunks = list(
         c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
     )
-    assert chunks[0].object == "chat.completion.chunk"
+    assert whole.id.startswith("chatcmpl-") and whole.object == "chat.completion"
+    assert chunks[0].object == "chat.completion.chunk" and len({ch.id for ch in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [ch.choices[0] for ch in chunks if ch.choices]
     assert "".join(p.delta.content or "" for p in pieces) == whole.choices[0].message.content
