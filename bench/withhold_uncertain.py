@@ -31,6 +31,7 @@ from cmiguard.evaluation import (
 )
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.models import load_teacher, logits_rows, truncated_copy
+from cmiguard.report import gap_closed
 
 BUDGET = 0.01  # teacher accuracy the defense may lose
 
@@ -99,7 +100,7 @@ def main() -> None:
             view, _ = attacker_view(defend, ATTACKS[attack], cached, config)
             student = train_student(template, cached, view, ATTACKS[attack], config, desc=name)
             acc[name] = score(student, heldout, pad)["accuracy"]
-        closed = (acc["raw"] - acc["withheld"]) / (acc["raw"] - floor["accuracy"])
+        closed = gap_closed(acc["raw"], acc["withheld"], floor["accuracy"])
         print(f"| {attack} | {acc['raw']:.4f} | {acc['withheld']:.4f} | {closed:.2f} |")
 
 
