@@ -31,7 +31,7 @@ class Reply:
         self.decode, self.eos_ids = decode, eos_ids
         self.tokens: list[int] = []
         self.entries: list[dict[str, Any]] = []
-        self.text = ""  # while streaming: the text of ``tokens``
+        self.text = ""  # the text of ``tokens``: after each token if streamed, else at close
         self.ends: list[int] = []  # where the text of tokens[: i + 1] ends
         self.finish: str | None = None
         self.sent_tokens, self.sent_text = 0, ""
