@@ -178,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens,
         timeout_s=args.timeout,
+        echo=args.echo,
     )
     uvicorn.run(create_app(model, tokenizer, transform, config), host=args.host, port=args.port)
     return 0
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument(
+        "--no-echo",
+        dest="echo",
+        action="store_false",
+        help="refuse echo=true (with logprobs it scores any text teacher-forced)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="distil students with each attack, raw vs defended")

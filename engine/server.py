@@ -4,6 +4,7 @@ Requests queue (bounded) for a single generation worker that batches those
 with the same sampling settings; each step's logits go through the transform
 before anything (sampling, ``logprobs``, ``top_logprobs``) sees them. A
 streamed request gets its reply as server-sent events while the batch runs.
+``echo`` scores the prompt teacher-forced, with the same purified log-probs.
 With a folded model the transform is already in the LM head and the server
 runs with ``transform=None``. Bad requests get OpenAI-style 4xx errors, never
 500; a failed batch answers 500 (streamed: an error event) and is logged.
@@ -100,8 +101,6 @@ class CompletionRequest(Options):
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo=true"
         if self.best_of not in (None, 1):
             return f"best_of={self.best_of}"
         return super().unsupported()
@@ -133,6 +132,8 @@ class Job:
     # streamed: the reply's pieces, ("delta", text, entries) then ("end", result)
     # or ("error", exception), put here as the batch runs
     chunks: asyncio.Queue | None = field(default=None, repr=False)
+    # echo: the prompt's text, sent back before the reply with its tokens' logprobs
+    echo: str | None = None
 
     def sampling(self) -> tuple[float, float, int | None]:
         """What a batch must share: one ``generate`` call samples every row alike."""
@@ -167,13 +168,17 @@ class CaptureLogits(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         self.settle(input_ids[:, -1])
-        if self.transform is not None:
-            scores = purify_padded(scores, self.transform, None)
+        scores = served(scores, self.transform)
         self.last = torch.log_softmax(scores.float(), dim=-1)
         if self.top_k:
             values, ids = self.last.topk(self.top_k, dim=-1)
             self.top.append((values.cpu(), ids.cpu()))
         return scores
+
+
+def served(scores: Tensor, transform: LogitTransform | None) -> Tensor:
+    """The logits everything a client sees comes from: purified when a transform is set."""
+    return scores if transform is None else purify_padded(scores, transform, None)
 
 
 @dataclass
@@ -186,6 +191,9 @@ class ServerConfig:
     max_new_tokens: int = 256
     timeout_s: float = 60.0
     max_body_bytes: int = 1 << 20
+    # echo=true with logprobs scores any text teacher-forced: the query a
+    # distillation attacker makes, so a provider may turn it off
+    echo: bool = True
 
 
 class Engine:
@@ -270,10 +278,20 @@ class Engine:
             Reply(j.stop, j.max_tokens, j.chunks is not None, decode, self.eos_ids) for j in batch
         ]
 
+        echoed = {}  # row -> the prompt's logprobs entries
+        for row, job in enumerate(batch):
+            if job.echo is not None:
+                echoed[row] = self._prompt_entries(job, device)
+                if job.chunks is not None:  # the prompt is the first piece
+                    self._put(job, ("delta", job.echo, echoed[row]))
         ended: set[int] = set()
 
         def result(row: int) -> dict[str, Any]:
-            return replies[row].result() | {"prompt_tokens": len(batch[row].prompt_ids)}
+            out = replies[row].result() | {"prompt_tokens": len(batch[row].prompt_ids)}
+            if row in echoed and batch[row].chunks is None:
+                out["text"] = batch[row].echo + out["text"]
+                out["entries"] = echoed[row] + out["entries"]
+            return out
 
         def stream(row: int) -> None:
             """A streamed reply's new pieces, and its end as soon as it has one."""
@@ -316,6 +334,26 @@ class Engine:
             reply.close()
             stream(row)
         return [result(row) for row in range(len(batch))]
+
+    def _prompt_entries(self, job: Job, device: torch.device) -> list[dict[str, Any]]:
+        """The logprobs entries of an echoed prompt: each token's served log-prob
+        given the tokens before it (the first token has none, as OpenAI's)."""
+        ids, decode = job.prompt_ids, self.tokenizer.decode
+        logits = self.model(torch.tensor([ids], device=device)).logits[0, :-1]
+        logprobs = torch.log_softmax(served(logits, self.transform).float(), dim=-1).cpu()
+        chosen = logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+        top = [[] for _ in chosen]
+        if job.top_logprobs:
+            values, tokens = logprobs.topk(job.top_logprobs, dim=-1)
+            top = [
+                [(decode([t]), v) for t, v in zip(ts, vs, strict=True)]
+                for ts, vs in zip(tokens.tolist(), values.tolist(), strict=True)
+            ]
+        first = {"token": decode([ids[0]]), "logprob": None, "top": None}
+        return [first] + [
+            {"token": decode([t]), "logprob": lp, "top": tp}
+            for t, lp, tp in zip(ids[1:], chosen, top, strict=True)
+        ]
 
     def _put(self, job: Job, item: tuple) -> None:
         """Hand a piece to the request from the worker thread."""
@@ -390,6 +428,8 @@ def create_app(
                 f"model {model_name!r} not found; this server has {config.model_name!r}",
                 "model_not_found",
             )
+        if not prompt_ids:
+            raise ApiError(400, "prompt is empty", "invalid_request")
         if len(prompt_ids) > config.max_prompt_tokens:
             raise ApiError(
                 400,
@@ -403,12 +443,23 @@ def create_app(
                 "max_tokens_too_large",
             )
 
-    def new_job(req: Options, prompt_ids: list[int], max_tokens: int, top: int) -> Job:
+    def new_job(
+        req: Options, prompt_ids: list[int], max_tokens: int, top: int, echo: str | None = None
+    ) -> Job:
         stops = req.checked_stops()
         future = asyncio.get_running_loop().create_future()
         chunks = asyncio.Queue() if req.stream else None
         return Job(
-            prompt_ids, max_tokens, req.temperature, top, req.seed, future, stops, req.top_p, chunks
+            prompt_ids,
+            max_tokens,
+            req.temperature,
+            top,
+            req.seed,
+            future,
+            stops,
+            req.top_p,
+            chunks,
+            echo,
         )
 
     Choice = Callable[[str, list[dict], str | None, bool], dict[str, Any]]
@@ -478,8 +529,11 @@ def create_app(
     async def completions(req: CompletionRequest) -> Any:
         prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=False)
         check(req.model, prompt_ids, req.max_tokens)
-        job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0)
-        offset = len(req.prompt)  # of the next token's text
+        if req.echo and not config.echo:
+            raise ApiError(400, "echo=true is turned off on this server", "unsupported")
+        echo = req.prompt if req.echo else None
+        job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0, echo)
+        offset = 0 if req.echo else len(req.prompt)  # of the next token's text
 
         def choice(text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
             nonlocal offset
@@ -492,7 +546,7 @@ def create_app(
                 logprobs = {
                     "tokens": [e["token"] for e in entries],
                     "token_logprobs": [e["logprob"] for e in entries],
-                    "top_logprobs": [dict(e["top"]) for e in entries],
+                    "top_logprobs": [None if e["top"] is None else dict(e["top"]) for e in entries],
                     "text_offset": starts,
                 }
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
+from cmiguard.evaluation import EvalConfig, defense_fn
 from cmiguard.models import tiny_model
 from cmiguard.server import Engine, Job, ServerConfig, create_app
 
@@ -190,6 +191,74 @@ def test_streamed_chat_with_logprobs_and_usage(server):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_echo_scores_the_prompt_with_purified_logprobs(server):
+    c, tokenizer, prompt = client(server), server["tokenizer"], "The capital of France is"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    kw = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 3}
+    plain = c.completions.create(**kw).choices[0]
+    echo = c.completions.create(echo=True, **kw).choices[0]
+    lp, n = echo.logprobs, len(ids)
+    assert echo.text == prompt + plain.text
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids] + plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset[:n] == [len(tokenizer.decode(ids[:i])) for i in range(n)]
+    assert lp.text_offset[n:] == plain.logprobs.text_offset
+    with torch.no_grad():
+        logits = server["model"](torch.tensor([ids])).logits[0, :-1]
+    purified = (logits / TAU).log_softmax(-1)  # identity low-rank part, temperature TAU
+    nxt = torch.tensor(ids[1:])[:, None]
+    assert lp.token_logprobs[1:n] == pytest.approx(purified.gather(1, nxt)[:, 0].tolist(), abs=1e-4)
+    raw = logits.log_softmax(-1).gather(1, nxt)[:, 0]
+    assert (torch.tensor(lp.token_logprobs[1:n]) - raw).abs().min() > 1e-2
+    values, tokens = purified.topk(3, dim=-1)
+    for row, top in enumerate(lp.top_logprobs[1:n]):
+        names = [tokenizer.decode([t]) for t in tokens[row].tolist()]
+        assert list(top) == names
+        assert list(top.values()) == pytest.approx(values[row].tolist(), abs=1e-4)
+    scored = c.completions.create(**(kw | {"max_tokens": 0}), echo=True)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
+    events = list(c.completions.create(echo=True, stream=True, **kw))
+    pieces = [e.choices[0] for e in events]
+    assert pieces[0].text == prompt and "".join(p.text for p in pieces) == echo.text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in pieces for x in getattr(p.logprobs, key)] == getattr(lp, key), key
+
+
+def test_echo_serves_what_the_evaluation_attacker_distils_from(teacher):
+    """The top-k attacker of ``cmiguard evaluate`` is this API's echo, renormalised."""
+    from fastapi.testclient import TestClient
+
+    from cmiguard.attacks import top_k_view
+    from cmiguard.data import wiki_summaries
+    from tests.conftest import trained_like
+
+    tokenizer = teacher[1]
+    model = tiny_model(len(tokenizer))
+    transform = trained_like(LowRankTransform(len(tokenizer), 4, temperature=1.7), scale=0.5)
+    text = wiki_summaries("calibration", 1)[0][:200]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    body = {"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 5}
+    with TestClient(create_app(model, tokenizer, transform, ServerConfig("tiny"))) as http:
+        served = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+        target = defense_fn("cmiguard", transform, EvalConfig())(logits)
+    nxt = torch.tensor(ids[1:])[:, None]
+    assert served["token_logprobs"][1:] == pytest.approx(target.gather(1, nxt)[:, 0], abs=1e-4)
+    assert (target.argmax(-1) != logits.argmax(-1)).any()  # the learned part moves answers
+    values, tokens = top_k_view(target, 5)
+    for row, top in enumerate(served["top_logprobs"][1:]):
+        assert list(top) == [tokenizer.decode([t]) for t in tokens[row].tolist()]
+        got = torch.tensor(list(top.values()))
+        assert (got - got.logsumexp(0)).tolist() == pytest.approx(values[row].tolist(), abs=1e-4)
+    off = create_app(model, tokenizer, transform, ServerConfig("tiny", echo=False))
+    with TestClient(off) as http:
+        refused = http.post("/v1/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported"
+
+
 ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
 
 
@@ -210,7 +279,7 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"top_p": 0}, 400, "invalid_request"),
         (ASK | {"presence_penalty": 0.5}, 400, "unsupported"),
         (ASK | {"frequency_penalty": -1}, 400, "unsupported"),
-        (ASK | {"echo": True}, 400, "unsupported"),
+        (ASK | {"prompt": ""}, 400, "invalid_request"),
         (ASK | {"best_of": 3}, 400, "unsupported"),
     ],
 )
