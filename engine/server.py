@@ -52,9 +52,9 @@ class StreamOptions(BaseModel):
 
 
 class Options(BaseModel):
-    """What both endpoints share. ``n``, ``logit_bias`` and the penalties are
-    declared so that asking for what this server does not do fails clearly
-    instead of being ignored."""
+    """What both endpoints share. ``n`` and ``logit_bias`` are declared so
+    that asking for what this server does not do fails clearly instead of
+    being ignored."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -76,8 +76,6 @@ class Options(BaseModel):
             # biasing chosen tokens to the top reads the full logit vector out of
             # a top-k API, a few tokens per query (Carlini et al. 2024)
             return "logit_bias"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty and frequency_penalty other than 0"
         return None
 
     def checked_stops(self) -> tuple[str, ...]:
@@ -134,6 +132,8 @@ class Job:
     chunks: asyncio.Queue | None = field(default=None, repr=False)
     # echo: the prompt's text, sent back before the reply with its tokens' logprobs
     echo: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def sampling(self) -> tuple[float, float, int | None]:
         """What a batch must share: one ``generate`` call samples every row alike."""
@@ -174,6 +174,25 @@ class CaptureLogits(LogitsProcessor):
             values, ids = self.last.topk(self.top_k, dim=-1)
             self.top.append((values.cpu(), ids.cpu()))
         return scores
+
+
+class Penalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, one pair per row, on the
+    tokens each reply has generated (not its prompt): ``z_j - c_j·frequency -
+    [c_j > 0]·presence`` for a token generated ``c_j`` times. They run after
+    the purification, so they change what is sampled, not the logprobs a
+    reply reports (as vLLM's default raw logprobs)."""
+
+    def __init__(self, presence: Tensor, frequency: Tensor, prompt_width: int) -> None:
+        self.presence, self.frequency, self.width = presence, frequency, prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        generated = input_ids[:, self.width :]
+        ones = torch.ones(generated.shape, dtype=scores.dtype, device=scores.device)
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, ones)
+        presence = self.presence.to(scores)[:, None]
+        frequency = self.frequency.to(scores)[:, None]
+        return scores - counts * frequency - (counts > 0).to(scores) * presence
 
 
 def served(scores: Tensor, transform: LogitTransform | None) -> Tensor:
@@ -312,6 +331,11 @@ class Engine:
                 stream(row)
 
         capture = CaptureLogits(self.transform, max(j.top_logprobs for j in batch), on_token)
+        processors = LogitsProcessorList([capture])
+        if any(j.presence_penalty or j.frequency_penalty for j in batch):
+            presence = torch.tensor([j.presence_penalty for j in batch])
+            frequency = torch.tensor([j.frequency_penalty for j in batch])
+            processors.append(Penalties(presence, frequency, width))
         steps = max(j.max_tokens for j in batch)
         if steps > 0:
             temperature, top_p = batch[0].temperature, batch[0].top_p
@@ -325,7 +349,7 @@ class Engine:
                 temperature=temperature if temperature > 0 else None,
                 top_k=None,
                 top_p=top_p if temperature > 0 and top_p < 1 else None,
-                logits_processor=LogitsProcessorList([capture]),
+                logits_processor=processors,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids) or None,
             )
@@ -460,6 +484,8 @@ def create_app(
             req.top_p,
             chunks,
             echo,
+            req.presence_penalty,
+            req.frequency_penalty,
         )
 
     Choice = Callable[[str, list[dict], str | None, bool], dict[str, Any]]

@@ -14,7 +14,7 @@ import torch
 from cmiguard import LowRankTransform
 from cmiguard.evaluation import EvalConfig, defense_fn
 from cmiguard.models import tiny_model
-from cmiguard.server import Engine, Job, ServerConfig, create_app
+from cmiguard.server import Engine, Job, Penalties, ServerConfig, create_app
 
 KEY = "test-key"
 TAU = 2.5
@@ -191,6 +191,31 @@ def test_streamed_chat_with_logprobs_and_usage(server):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_penalties_count_each_rows_generated_tokens():
+    prompt_and_replies = torch.tensor([[9, 5, 5, 5, 7], [5, 9, 1, 2, 3]])  # prompt width 2
+    penalties = Penalties(torch.tensor([0.5, 0.0]), torch.tensor([1.0, 2.0]), prompt_width=2)
+    out = penalties(prompt_and_replies, torch.zeros(2, 10))
+    expected = torch.zeros(2, 10)
+    expected[0, 5], expected[0, 7] = -(2 * 1.0 + 0.5), -(1.0 + 0.5)  # the prompt's 5 is free
+    expected[1, [1, 2, 3]] = -2.0
+    assert torch.equal(out, expected)
+
+
+def test_penalties_change_what_is_sampled_not_the_logprobs(server):
+    c, tokenizer, prompt = client(server), server["tokenizer"], "The capital of France is"
+    kw = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    free = c.completions.create(**kw).choices[0].logprobs
+    assert len(set(free.tokens)) < len(free.tokens)  # greedy repeats itself
+    penalised = c.completions.create(presence_penalty=2.0, **kw).choices[0].logprobs
+    assert len(set(penalised.tokens)) == len(penalised.tokens) == 8
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    reply = tokenizer.encode("".join(penalised.tokens), add_special_tokens=False)
+    with torch.no_grad():
+        logits = server["model"](torch.tensor([ids + reply])).logits[0, len(ids) - 1 : -1]
+    served = (logits / TAU).log_softmax(-1).gather(1, torch.tensor(reply)[:, None])[:, 0]
+    assert penalised.token_logprobs == pytest.approx(served.tolist(), abs=1e-4)
+
+
 def test_echo_scores_the_prompt_with_purified_logprobs(server):
     c, tokenizer, prompt = client(server), server["tokenizer"], "The capital of France is"
     ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -277,8 +302,7 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request"),
         (ASK | {"stop": ""}, 400, "invalid_request"),
         (ASK | {"top_p": 0}, 400, "invalid_request"),
-        (ASK | {"presence_penalty": 0.5}, 400, "unsupported"),
-        (ASK | {"frequency_penalty": -1}, 400, "unsupported"),
+        (ASK | {"presence_penalty": 2.5}, 400, "invalid_request"),
         (ASK | {"prompt": ""}, 400, "invalid_request"),
         (ASK | {"best_of": 3}, 400, "unsupported"),
     ],
