@@ -52,9 +52,8 @@ class StreamOptions(BaseModel):
 
 
 class Options(BaseModel):
-    """What both endpoints share. ``n`` and ``logit_bias`` are declared so
-    that asking for what this server does not do fails clearly instead of
-    being ignored."""
+    """What both endpoints share. ``logit_bias`` is declared so that asking
+    for it fails clearly instead of being ignored."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -63,15 +62,13 @@ class Options(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
     def unsupported(self) -> str | None:
         """The first thing asked for that this server does not do, if any."""
-        if self.n != 1:
-            return f"n={self.n} (one choice per request)"
         if self.logit_bias:
             # biasing chosen tokens to the top reads the full logit vector out of
             # a top-k API, a few tokens per query (Carlini et al. 2024)
@@ -127,13 +124,14 @@ class Job:
     future: asyncio.Future = field(repr=False)
     stop: tuple[str, ...] = ()
     top_p: float = 1.0
-    # streamed: the reply's pieces, ("delta", text, entries) then ("end", result)
-    # or ("error", exception), put here as the batch runs
+    # streamed: each choice's pieces, ("delta", index, text, entries) then
+    # ("end", index, result), or ("error", exception), put here as the batch runs
     chunks: asyncio.Queue | None = field(default=None, repr=False)
     # echo: the prompt's text, sent back before the reply with its tokens' logprobs
     echo: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    n: int = 1  # choices: rows of the same batch, so a seed gives n different samples
 
     def sampling(self) -> tuple[float, float, int | None]:
         """What a batch must share: one ``generate`` call samples every row alike."""
@@ -246,7 +244,7 @@ class Engine:
                 429, "the server is busy: request queue is full", "queue_full", "rate_limit"
             ) from exc
 
-    async def submit(self, job: Job) -> dict[str, Any]:
+    async def submit(self, job: Job) -> list[dict[str, Any]]:
         self.enqueue(job)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), self.config.timeout_s)
@@ -258,12 +256,13 @@ class Engine:
         self.loop = asyncio.get_running_loop()
         while True:
             first = await self.queue.get()
-            batch, rest = [first], []
-            while not self.queue.empty() and len(batch) < self.config.max_batch:
+            batch, rest, rows = [first], [], first.n
+            while not self.queue.empty() and rows < self.config.max_batch:
                 job = self.queue.get_nowait()
-                same = job.sampling() == first.sampling()
-                (batch if same else rest).append(job)
-            for job in rest:  # other sampling settings wait for the next round
+                fits = job.sampling() == first.sampling() and rows + job.n <= self.config.max_batch
+                (batch if fits else rest).append(job)
+                rows += job.n if fits else 0
+            for job in rest:  # other sampling settings, or too many rows: the next round
                 self.queue.put_nowait(job)
             batch = [j for j in batch if not j.future.cancelled()]
             if not batch:
@@ -282,61 +281,63 @@ class Engine:
                         job.future.set_exception(exc)
 
     @torch.no_grad()
-    def generate(self, batch: list[Job]) -> list[dict[str, Any]]:
-        """Run one batch: each job's result; a streamed job's pieces go to its
-        ``chunks`` as its tokens come."""
-        width = max(len(j.prompt_ids) for j in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+    def generate(self, batch: list[Job]) -> list[list[dict[str, Any]]]:
+        """Run one batch, a row per choice: each job's choices' results; a
+        streamed job's pieces go to its ``chunks`` as its tokens come."""
+        jobs = [job for job in batch for _ in range(job.n)]  # the job of each row
+        index = [i for job in batch for i in range(job.n)]  # its choice's index
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, job in enumerate(batch):  # left padding: every prompt ends at the same column
-            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            mask[i, width - len(job.prompt_ids) :] = 1
+        for row, job in enumerate(jobs):  # left padding: every prompt ends at the same column
+            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[row, width - len(job.prompt_ids) :] = 1
         device = next(self.model.parameters()).device
         decode = self.tokenizer.decode
         replies = [
-            Reply(j.stop, j.max_tokens, j.chunks is not None, decode, self.eos_ids) for j in batch
+            Reply(j.stop, j.max_tokens, j.chunks is not None, decode, self.eos_ids) for j in jobs
         ]
 
         echoed = {}  # row -> the prompt's logprobs entries
-        for row, job in enumerate(batch):
+        for row, job in enumerate(jobs):
             if job.echo is not None:
-                echoed[row] = self._prompt_entries(job, device)
-                if job.chunks is not None:  # the prompt is the first piece
-                    self._put(job, ("delta", job.echo, echoed[row]))
+                echoed[row] = echoed[row - 1] if index[row] else self._prompt_entries(job, device)
+                if job.chunks is not None:  # the prompt is each choice's first piece
+                    self._put(job, ("delta", index[row], job.echo, echoed[row]))
         ended: set[int] = set()
 
         def result(row: int) -> dict[str, Any]:
-            out = replies[row].result() | {"prompt_tokens": len(batch[row].prompt_ids)}
-            if row in echoed and batch[row].chunks is None:
-                out["text"] = batch[row].echo + out["text"]
+            out = replies[row].result() | {"prompt_tokens": len(jobs[row].prompt_ids)}
+            if row in echoed and jobs[row].chunks is None:
+                out["text"] = jobs[row].echo + out["text"]
                 out["entries"] = echoed[row] + out["entries"]
             return out
 
         def stream(row: int) -> None:
-            """A streamed reply's new pieces, and its end as soon as it has one."""
-            job, reply = batch[row], replies[row]
+            """A streamed choice's new pieces, and its end as soon as it has one."""
+            job, reply = jobs[row], replies[row]
             if job.chunks is None or row in ended:
                 return
             text, entries = reply.take()
             if text or entries:
-                self._put(job, ("delta", text, entries))
+                self._put(job, ("delta", index[row], text, entries))
             if reply.finish is not None:
                 ended.add(row)
-                self._put(job, ("end", result(row)))
+                self._put(job, ("end", index[row], result(row)))
 
         def on_token(step: int, tokens: Tensor) -> None:
-            for row, (job, reply) in enumerate(zip(batch, replies, strict=True)):
+            for row, (job, reply) in enumerate(zip(jobs, replies, strict=True)):
                 token = int(tokens[row])
                 reply.add(token, functools.partial(self._entry, job, capture, step, row, token))
                 stream(row)
 
-        capture = CaptureLogits(self.transform, max(j.top_logprobs for j in batch), on_token)
+        capture = CaptureLogits(self.transform, max(j.top_logprobs for j in jobs), on_token)
         processors = LogitsProcessorList([capture])
-        if any(j.presence_penalty or j.frequency_penalty for j in batch):
-            presence = torch.tensor([j.presence_penalty for j in batch])
-            frequency = torch.tensor([j.frequency_penalty for j in batch])
+        if any(j.presence_penalty or j.frequency_penalty for j in jobs):
+            presence = torch.tensor([j.presence_penalty for j in jobs])
+            frequency = torch.tensor([j.frequency_penalty for j in jobs])
             processors.append(Penalties(presence, frequency, width))
-        steps = max(j.max_tokens for j in batch)
+        steps = max(j.max_tokens for j in jobs)
         if steps > 0:
             temperature, top_p = batch[0].temperature, batch[0].top_p
             if batch[0].seed is not None:
@@ -357,7 +358,8 @@ class Engine:
         for row, reply in enumerate(replies):
             reply.close()
             stream(row)
-        return [result(row) for row in range(len(batch))]
+        results = iter([result(row) for row in range(len(jobs))])
+        return [[next(results) for _ in range(job.n)] for job in batch]
 
     def _prompt_entries(self, job: Job, device: torch.device) -> list[dict[str, Any]]:
         """The logprobs entries of an echoed prompt: each token's served log-prob
@@ -471,6 +473,12 @@ def create_app(
         req: Options, prompt_ids: list[int], max_tokens: int, top: int, echo: str | None = None
     ) -> Job:
         stops = req.checked_stops()
+        if req.n > config.max_batch:
+            raise ApiError(
+                400,
+                f"n={req.n} is over this server's batch of {config.max_batch}",
+                "invalid_request",
+            )
         future = asyncio.get_running_loop().create_future()
         chunks = asyncio.Queue() if req.stream else None
         return Job(
@@ -486,9 +494,10 @@ def create_app(
             echo,
             req.presence_penalty,
             req.frequency_penalty,
+            req.n,
         )
 
-    Choice = Callable[[str, list[dict], str | None, bool], dict[str, Any]]
+    Choice = Callable[[int, str, list[dict], str | None, bool], dict[str, Any]]
     # id prefix, object, object of a streamed piece
     kinds = {
         "completion": ("cmpl", "text_completion", "text_completion"),
@@ -497,7 +506,7 @@ def create_app(
 
     async def answer(req: Options, job: Job, kind: str, choice: Choice) -> Any:
         """The whole reply, or (``stream``) its pieces as server-sent events;
-        ``choice(text, entries, finish_reason, streamed)`` shapes one choice."""
+        ``choice(index, text, entries, finish_reason, streamed)`` shapes one choice."""
         prefix, whole, piece = kinds[kind]
         head = {
             "id": f"{prefix}-{uuid.uuid4().hex}",
@@ -506,15 +515,19 @@ def create_app(
             "model": config.model_name,
         }
         if not req.stream:
-            result = await engine.submit(job)
-            reply = choice(result["text"], result["entries"], result["finish_reason"], False)
-            return head | {"choices": [reply], "usage": _usage(result)}
+            results = await engine.submit(job)
+            choices = [
+                choice(i, r["text"], r["entries"], r["finish_reason"], False)
+                for i, r in enumerate(results)
+            ]
+            return head | {"choices": choices, "usage": _usage(results)}
         engine.enqueue(job)
         usage = req.stream_options is not None and req.stream_options.include_usage
         head["object"] = piece
         return StreamingResponse(events(job, head, choice, usage), media_type="text/event-stream")
 
     async def events(job: Job, head: dict, choice: Choice, usage: bool) -> AsyncIterator[str]:
+        results = []
         try:
             while True:
                 try:
@@ -535,10 +548,14 @@ def create_app(
                 if kind == "delta":
                     yield _event(head | {"choices": [choice(*data, None, True)]})
                     continue
-                (result,) = data
-                yield _event(head | {"choices": [choice("", [], result["finish_reason"], True)]})
+                index, result = data
+                results.append(result)
+                finish = choice(index, "", [], result["finish_reason"], True)
+                yield _event(head | {"choices": [finish]})
+                if len(results) < job.n:
+                    continue
                 if usage:
-                    yield _event(head | {"choices": [], "usage": _usage(result)})
+                    yield _event(head | {"choices": [], "usage": _usage(results)})
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -559,23 +576,22 @@ def create_app(
             raise ApiError(400, "echo=true is turned off on this server", "unsupported")
         echo = req.prompt if req.echo else None
         job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0, echo)
-        offset = 0 if req.echo else len(req.prompt)  # of the next token's text
+        offsets = [0 if req.echo else len(req.prompt)] * req.n  # of each choice's next token
 
-        def choice(text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
-            nonlocal offset
+        def choice(i: int, text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
             logprobs = None
             if req.logprobs is not None:
                 starts = list(
-                    itertools.accumulate((len(e["token"]) for e in entries), initial=offset)
+                    itertools.accumulate((len(e["token"]) for e in entries), initial=offsets[i])
                 )
-                offset = starts.pop()
+                offsets[i] = starts.pop()
                 logprobs = {
                     "tokens": [e["token"] for e in entries],
                     "token_logprobs": [e["logprob"] for e in entries],
                     "top_logprobs": [None if e["top"] is None else dict(e["top"]) for e in entries],
                     "text_offset": starts,
                 }
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         return await answer(req, job, "completion", choice)
 
@@ -589,20 +605,21 @@ def create_app(
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_request")
         job = new_job(req, prompt_ids, max_tokens, req.top_logprobs or 0)
-        first = True
+        started: set[int] = set()
 
-        def choice(text: str, entries: list[dict], finish: str | None, streamed: bool) -> dict:
-            nonlocal first
+        def choice(
+            i: int, text: str, entries: list[dict], finish: str | None, streamed: bool
+        ) -> dict:
             logprobs = {"content": [_chat_entry(e) for e in entries]} if req.logprobs else None
-            if streamed:  # the role comes with the first piece
-                message = ({"role": "assistant"} if first else {}) | (
+            if streamed:  # the role comes with each choice's first piece
+                message = ({} if i in started else {"role": "assistant"}) | (
                     {"content": text} if text else {}
                 )
-                first = False
+                started.add(i)
             else:
                 message = {"role": "assistant", "content": text}
             key = "delta" if streamed else "message"
-            return {"index": 0, key: message, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": i, key: message, "logprobs": logprobs, "finish_reason": finish}
 
         return await answer(req, job, "chat", choice)
 
@@ -624,6 +641,7 @@ def _chat_entry(e: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    p, c = result["prompt_tokens"], result["completion_tokens"]
+def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The prompt counts once, as OpenAI counts it, however many choices."""
+    p, c = results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

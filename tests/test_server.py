@@ -31,9 +31,10 @@ def server(teacher):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    app = create_app(model, tokenizer, transform, config)
     uv = uvicorn.Server(
         uvicorn.Config(
-            create_app(model, tokenizer, transform, config),
+            app,
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -45,7 +46,12 @@ def server(teacher):
         if uv.started:
             break
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/v1", "model": model, "tokenizer": tokenizer}
+    yield {
+        "url": f"http://127.0.0.1:{port}/v1",
+        "model": model,
+        "tokenizer": tokenizer,
+        "engine": app.state.engine,
+    }
     uv.should_exit = True
     thread.join(timeout=10)
 
@@ -145,6 +151,61 @@ def test_32_concurrent_clients_all_answer(server):
         answers = list(pool.map(ask, range(32)))
     assert len(answers) == 32
     assert all(len(tokens) == 4 for tokens in answers)
+
+
+def test_n_choices_are_rows_of_one_batch(server):
+    c = client(server)
+    kw = {"model": "tiny", "prompt": "Once upon", "max_tokens": 6, "logprobs": 1, "n": 3}
+    whole = c.completions.create(temperature=1.0, seed=7, **kw)
+    texts = [ch.text for ch in whole.choices]
+    assert [ch.index for ch in whole.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert whole.usage.prompt_tokens == 2
+    assert whole.usage.completion_tokens == sum(len(ch.logprobs.tokens) for ch in whole.choices)
+    again = c.completions.create(temperature=1.0, seed=7, **kw)
+    assert [ch.text for ch in again.choices] == texts  # one seed, one batch: reproducible
+    greedy = c.completions.create(temperature=0, **kw).choices
+    assert greedy[0].text == greedy[1].text == greedy[2].text
+    events = list(c.completions.create(temperature=1.0, seed=7, stream=True, **kw))
+    for ch in whole.choices:
+        pieces = [e.choices[0] for e in events if e.choices[0].index == ch.index]
+        assert "".join(p.text for p in pieces) == ch.text
+        assert [t for p in pieces for t in p.logprobs.tokens] == ch.logprobs.tokens
+        assert pieces[-1].finish_reason == ch.finish_reason
+    chat = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=3,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    firsts = {}
+    for e in chat[:-1]:
+        firsts.setdefault(e.choices[0].index, e.choices[0].delta.role)
+    assert firsts == {0: "assistant", 1: "assistant"}
+    assert chat[-1].usage.completion_tokens == 6
+
+
+def test_batches_never_hold_more_rows_than_max_batch(server):
+    engine, rows = server["engine"], []
+    run = engine.generate
+
+    def counted(batch):
+        rows.append(sum(j.n for j in batch))
+        return run(batch)
+
+    engine.generate = counted
+    try:
+        c = client(server)
+        kw = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda i: c.completions.create(n=1 + i % 3, **kw), range(12)))
+    finally:
+        engine.generate = run
+    assert [len(a.choices) for a in answers] == [1 + i % 3 for i in range(12)]
+    assert sum(rows) == 24 and max(rows) <= 8 and len(rows) >= 3
 
 
 def test_streamed_completions_add_up_to_the_whole_reply(server):
@@ -297,7 +358,8 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"logprobs": 21}, 400, "invalid_request"),
         (ASK | {"max_tokens": 999}, 400, "max_tokens_too_large"),
         (ASK | {"prompt": "word " * 200}, 400, "context_length_exceeded"),
-        (ASK | {"n": 2}, 400, "unsupported"),
+        (ASK | {"n": 0}, 400, "invalid_request"),
+        (ASK | {"n": 9}, 400, "invalid_request"),
         (ASK | {"logit_bias": {"13": 100}}, 400, "unsupported"),
         (ASK | {"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request"),
         (ASK | {"stop": ""}, 400, "invalid_request"),
@@ -346,7 +408,7 @@ def test_replies_stop_at_the_end_of_turn_token_and_stop_sequences(teacher):
     def reply(eos, max_tokens=6, stop=()):
         model.generation_config.eos_token_id = eos
         engine = Engine(model, tokenizer, None, config)
-        return engine.generate([Job(prompt, max_tokens, 0.0, 2, None, None, stop)])[0]
+        return engine.generate([Job(prompt, max_tokens, 0.0, 2, None, None, stop)])[0][0]
 
     model.generation_config.eos_token_id = None
     with torch.no_grad():
