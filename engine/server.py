@@ -93,12 +93,8 @@ class CompletionRequest(Options):
     max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-
-    def unsupported(self) -> str | None:
-        if self.best_of not in (None, 1):
-            return f"best_of={self.best_of}"
-        return super().unsupported()
+    # sample best_of choices, return the n with the highest log-prob per token
+    best_of: int | None = Field(None, ge=1)
 
 
 class ChatMessage(BaseModel):
@@ -470,13 +466,20 @@ def create_app(
             )
 
     def new_job(
-        req: Options, prompt_ids: list[int], max_tokens: int, top: int, echo: str | None = None
+        req: Options,
+        prompt_ids: list[int],
+        max_tokens: int,
+        top: int,
+        echo: str | None = None,
+        rows: int | None = None,
     ) -> Job:
+        """``rows`` choices are sampled (``n`` unless ``best_of`` asks for more)."""
         stops = req.checked_stops()
-        if req.n > config.max_batch:
+        rows = rows or req.n
+        if rows > config.max_batch:
             raise ApiError(
                 400,
-                f"n={req.n} is over this server's batch of {config.max_batch}",
+                f"n={rows} is over this server's batch of {config.max_batch}",
                 "invalid_request",
             )
         future = asyncio.get_running_loop().create_future()
@@ -494,7 +497,7 @@ def create_app(
             echo,
             req.presence_penalty,
             req.frequency_penalty,
-            req.n,
+            rows,
         )
 
     Choice = Callable[[int, str, list[dict], str | None, bool], dict[str, Any]]
@@ -516,9 +519,12 @@ def create_app(
         }
         if not req.stream:
             results = await engine.submit(job)
+            # best_of: the n best choices, in the order they were sampled
+            best = sorted(results, key=_per_token, reverse=True)[: req.n]
+            kept = [r for r in results if any(r is b for b in best)]
             choices = [
                 choice(i, r["text"], r["entries"], r["finish_reason"], False)
-                for i, r in enumerate(results)
+                for i, r in enumerate(kept)
             ]
             return head | {"choices": choices, "usage": _usage(results)}
         engine.enqueue(job)
@@ -575,7 +581,12 @@ def create_app(
         if req.echo and not config.echo:
             raise ApiError(400, "echo=true is turned off on this server", "unsupported")
         echo = req.prompt if req.echo else None
-        job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0, echo)
+        best_of = req.best_of or req.n
+        if best_of < req.n or (req.stream and best_of > req.n):
+            raise ApiError(
+                400, "best_of must be >= n, and equal to it to stream", "invalid_request"
+            )
+        job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0, echo, best_of)
         offsets = [0 if req.echo else len(req.prompt)] * req.n  # of each choice's next token
 
         def choice(i: int, text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
@@ -639,6 +650,13 @@ def _chat_entry(e: dict[str, Any]) -> dict[str, Any]:
             {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e["top"]
         ],
     }
+
+
+def _per_token(result: dict[str, Any]) -> float:
+    """A choice's mean log-prob per generated token (what ``best_of`` ranks by)."""
+    n = result["completion_tokens"]
+    generated = result["entries"][len(result["entries"]) - n :]
+    return sum(e["logprob"] for e in generated) / max(n, 1)
 
 
 def _usage(results: list[dict[str, Any]]) -> dict[str, int]:

@@ -188,6 +188,22 @@ def test_n_choices_are_rows_of_one_batch(server):
     assert chat[-1].usage.completion_tokens == 6
 
 
+def test_best_of_keeps_the_choices_with_the_best_logprob_per_token(server):
+    c = client(server)
+    kw = {"model": "tiny", "prompt": "Once upon", "max_tokens": 5, "logprobs": 0, "seed": 3}
+    sampled = c.completions.create(n=4, **kw)
+    kept = c.completions.create(n=2, best_of=4, **kw)
+
+    def per_token(ch):
+        return sum(ch.logprobs.token_logprobs) / len(ch.logprobs.token_logprobs)
+
+    ranked = sorted(sampled.choices, key=per_token, reverse=True)
+    assert per_token(ranked[1]) > per_token(ranked[2])  # a strict cut
+    best = [ch.text for ch in sampled.choices if ch in ranked[:2]]
+    assert [ch.text for ch in kept.choices] == best and [ch.index for ch in kept.choices] == [0, 1]
+    assert kept.usage.completion_tokens == sampled.usage.completion_tokens == 20
+
+
 def test_batches_never_hold_more_rows_than_max_batch(server):
     engine, rows = server["engine"], []
     run = engine.generate
@@ -366,7 +382,8 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"top_p": 0}, 400, "invalid_request"),
         (ASK | {"presence_penalty": 2.5}, 400, "invalid_request"),
         (ASK | {"prompt": ""}, 400, "invalid_request"),
-        (ASK | {"best_of": 3}, 400, "unsupported"),
+        (ASK | {"best_of": 2, "n": 3}, 400, "invalid_request"),
+        (ASK | {"best_of": 2, "stream": True}, 400, "invalid_request"),
     ],
 )
 def test_bad_requests_get_4xx(server, body, status, code):
