@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
+from cmiguard.batcher import Engine, Job, Penalties
 from cmiguard.evaluation import EvalConfig, defense_fn
 from cmiguard.models import tiny_model
-from cmiguard.server import Engine, Job, Penalties, ServerConfig, create_app
+from cmiguard.server import ServerConfig, create_app
 
 KEY = "test-key"
 TAU = 2.5
