@@ -8,11 +8,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from cmiguard.trainer import OBJECTIVES, TrainConfig
 from cmiguard.transforms import FAMILIES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +81,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one (where the fused kernels run), else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,7 +103,13 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from cmiguard.purify import purify
     from cmiguard.shards import LogitsShard, write_streamed
 
-    transform = load_transform(args.transform)
+    device = _device(args.device)
+    transform = load_transform(args.transform).to(device)
+
+    def purified(block: torch.Tensor, top_k: int | None = None):
+        out = purify(block.to(device), transform, args.temperature, args.output, top_k)
+        return tuple(t.cpu() for t in out) if top_k else out.cpu()
+
     out_dir = Path(args.out)
     shards = [LogitsShard(p, args.key) for p in args.inputs]
     total = sum(s.shape[0] for s in shards)
@@ -98,10 +123,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
         target = out_dir / shard.path.name
         if args.top_k:
             # values and ids are [N, k]: small, so both are written once the shard is done
-            pairs = [
-                purify(block, transform, args.temperature, args.output, args.top_k)
-                for block in shard.blocks(args.block_rows)
-            ]
+            pairs = [purified(block, args.top_k) for block in shard.blocks(args.block_rows)]
             values = torch.cat([v for v, _ in pairs])
             ids = torch.cat([i for _, i in pairs])
             write_streamed(
@@ -114,10 +136,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 name="values",
             )
         else:
-            blocks = (
-                purify(b, transform, args.temperature, args.output)
-                for b in shard.blocks(args.block_rows)
-            )
+            blocks = (purified(b) for b in shard.blocks(args.block_rows))
             write_streamed(target, shard.shape, shard.dtype, blocks, on_block=bar.update)
     bar.close()
     return 0
@@ -155,17 +174,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cmiguard.models import load_teacher
     from cmiguard.server import ServerConfig, create_app
 
+    device = _device(args.device)
     if args.model == "teacher":
         model, tokenizer = load_teacher()
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model.to(device)
     transform = None
     if args.transform:
         rows = model.get_output_embeddings().weight.shape[0]
         transform = load_transform(
             args.transform, vocab_size=rows, vocab_fingerprint=vocab_fingerprint(tokenizer)
-        )
+        ).to(device)
     elif not args.unprotected:
         raise ValueError(
             "no --transform: serve a folded checkpoint with --unprotected, or pass --transform"
@@ -262,6 +283,9 @@ def print_table(metrics: dict[str, float]) -> None:
     print(f"total time: {metrics['seconds']:.1f} s")
 
 
+DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmiguard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--block-rows", type=int, default=1024)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("fold", help="fold a transform into a model's LM head and save it")
@@ -318,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--no-echo",
         dest="echo",

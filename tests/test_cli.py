@@ -50,6 +50,25 @@ def test_purify_top_k(tmp_path, transform_file):
     assert torch.equal(got["ids"], ids)
 
 
+def test_purify_runs_on_the_device_asked_for(tmp_path, transform_file, capsys):
+    t, tpath = transform_file
+    z = random_logits(9, 300)
+    save_file({"logits": z}, tmp_path / "z.safetensors")
+    argv = ["purify", str(tmp_path / "z.safetensors"), "--transform", str(tpath), "--out"]
+    assert main([*argv, str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    on_cpu = load_file(tmp_path / "cpu" / "z.safetensors")["logits"]
+    torch.testing.assert_close(on_cpu, purify(z, t))
+    gpu = main([*argv, str(tmp_path / "gpu"), "--device", "cuda"])
+    if torch.cuda.is_available():  # the fused kernels, against the CPU twin
+        assert gpu == 0
+        on_gpu = load_file(tmp_path / "gpu" / "z.safetensors")["logits"]
+        torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+    else:
+        assert gpu == 2 and "CUDA is not available" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "x"), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err
+
+
 def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     _, tpath = transform_file
     np.save(tmp_path / "wrong.npy", np.zeros((3, 299), dtype=np.float32))
