@@ -15,6 +15,7 @@ PY=${PY:-python3}
 CMIGUARD_TEST_COMPILED=1 CMIGUARD_BACKEND=triton timeout "${TEST_S:-120}" \
   "$PY" -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py \
   tests/test_kernels_compile.py "tests/test_cli.py::test_purify_runs_on_the_device_asked_for" \
+  "tests/test_trainer.py::test_training_runs_on_the_teachers_device" \
   2>&1 | tee "$OUT/tests.log"
 timeout "${REPORT_S:-170}" "$PY" bench/report.py 2>&1 | tee "$OUT/report.log"
 timeout "${CROSS_S:-120}" "$PY" bench/crossover.py --out "$OUT/crossover.json" 2>&1 \

@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cmiguard.students import make_surrogate
     from cmiguard.trainer import train
 
+    device = _device(args.device)  # a bad one fails before the teacher loads
     teacher, tokenizer = load_teacher()
     examples = text_examples(
         tokenizer, wiki_summaries("calibration", args.articles), args.max_tokens
@@ -56,10 +57,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.questions:
         examples += mc_examples(tokenizer, capital_questions("calibration")[: args.questions])
     surrogate = None
-    if args.objective == "paper":
+    if args.objective == "paper":  # fine-tuned on the CPU: a few steps of a 2-layer copy
         surrogate = make_surrogate(
             teacher, examples, tokenizer.pad_token_id, args.surrogate_layers, args.surrogate_steps
         )
+    teacher.to(device)
+    if surrogate is not None:
+        surrogate.to(device)
     result = train(
         _config(args),
         teacher,
@@ -302,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("purify", help="purify logits shards (.safetensors or .npy), streaming")

@@ -1,11 +1,12 @@
 """Training a transform against a frozen teacher, streaming its logits batch by
-batch, with atomic checkpoints and exact resume."""
+batch, with atomic checkpoints and exact resume. It trains where the teacher
+is: on a GPU the objectives run through the fused kernels."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,23 @@ def train(
     and at the end (plus ``transform.safetensors``); ``resume=True`` continues
     from it and reaches the same transform as an uninterrupted run.
     ``stop_after`` ends after that many steps (used to test resuming).
+    The transform lives on the teacher's device (the surrogate must be there too).
     """
     if not examples:
         raise ValueError("the training dataset is empty")
     if config.objective == "paper" and surrogate is None:
         raise ValueError("the paper objective needs a surrogate student model")
+    device = next(teacher.parameters()).device
+    if surrogate is not None and next(surrogate.parameters()).device != device:
+        raise ValueError(
+            f"the surrogate is on {next(surrogate.parameters()).device}, the teacher on {device}: "
+            "move both to one device"
+        )
     vocab = teacher.get_output_embeddings().weight.shape[0]
     torch.manual_seed(config.seed)
+    # drawn on the CPU, then moved: the same initial transform on every device
     transform = make_transform(config.family, vocab, config.rank, temperature=config.temperature)
+    transform = transform.to(device)
     params = [p for p in transform.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
@@ -122,7 +132,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         history, start = state["history"], state["step"]
         if centroids is not None:
-            centroids.centroids = state["centroids"]
+            centroids.centroids = {k: v.to(device) for k, v in state["centroids"].items()}
 
     def checkpoint(step: int) -> None:
         if ckpt_path is None:
@@ -151,6 +161,13 @@ def train(
                 bar.close()
                 checkpoint(step)
                 return TrainResult(transform, history, start)
+            batch = replace(
+                batch,
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                rows=batch.rows.to(device),
+                labels=batch.labels.to(device),
+            )
             stats = _step(config, teacher, surrogate, transform, batch, centroids)
             optimizer.zero_grad(set_to_none=True)
             stats.pop("_loss").backward(inputs=params)

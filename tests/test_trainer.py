@@ -77,3 +77,21 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     run(2, resume=False)
     with pytest.raises(ValueError, match="another configuration"):
         run(3, resume=True)
+
+
+def test_training_runs_on_the_teachers_device():
+    """On a GPU (bench/gpu.sh runs this compiled) the kernels train what the CPU twin does."""
+    config = TrainConfig(objective="cmi", estimator="streaming", rank=4, batch_size=5, lr=3e-3)
+    on_cpu = train(config, tiny_model(96, seed=0), tiny_examples(), 0, progress=False)
+    assert on_cpu.transform.b.device.type == "cpu" and on_cpu.transform.b.abs().sum() > 0
+    if torch.cuda.is_available():
+        teacher = tiny_model(96, seed=0).cuda()
+        on_gpu = train(config, teacher, tiny_examples(), 0, progress=False)
+        assert on_gpu.transform.b.device.type == "cuda"
+        # losses, not parameters: Adam's first steps turn rounding-level gradients into ±lr
+        for key in ("loss", "cmi"):
+            got, want = ([h[key] for h in r.history] for r in (on_gpu, on_cpu))
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-4), key
+    surrogate = tiny_model(96, seed=1).to("meta")  # on another device than the teacher
+    with pytest.raises(ValueError, match="surrogate is on meta"):
+        train(TrainConfig(), tiny_model(96), tiny_examples(), 0, surrogate, progress=False)
