@@ -110,30 +110,27 @@ def create_app(
         rows: int | None = None,
     ) -> Job:
         """``rows`` choices are sampled (``n`` unless ``best_of`` asks for more)."""
-        stops = req.checked_stops()
         rows = rows or req.n
         if rows > config.max_batch:
             raise ApiError(
                 400,
-                f"n={rows} is over this server's batch of {config.max_batch}",
+                f"{rows} choices (n, best_of) are over this server's batch of {config.max_batch}",
                 "invalid_request",
             )
-        future = asyncio.get_running_loop().create_future()
-        chunks = asyncio.Queue() if req.stream else None
         return Job(
-            prompt_ids,
-            max_tokens,
-            req.temperature,
-            top,
-            req.seed,
-            future,
-            stops,
-            req.top_p,
-            chunks,
-            echo,
-            req.presence_penalty,
-            req.frequency_penalty,
-            rows,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_logprobs=top,
+            seed=req.seed,
+            future=asyncio.get_running_loop().create_future(),
+            stop=req.checked_stops(),
+            top_p=req.top_p,
+            chunks=asyncio.Queue() if req.stream else None,
+            echo=echo,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            n=rows,
         )
 
     Choice = Callable[[int, str, list[dict], str | None, bool], dict[str, Any]]
