@@ -62,7 +62,8 @@ class Options(BaseModel):
 
 
 class CompletionRequest(Options):
-    prompt: str
+    # text, or token ids (scored exactly as given, with no re-tokenisation)
+    prompt: str | list[int]
     max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False

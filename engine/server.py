@@ -209,18 +209,25 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=False)
+        if isinstance(req.prompt, str):
+            text, prompt_ids = req.prompt, tokenizer.encode(req.prompt, add_special_tokens=False)
+        else:
+            if any(not 0 <= t < len(tokenizer) for t in req.prompt):
+                raise ApiError(
+                    400, f"prompt token ids must be in [0, {len(tokenizer)})", "invalid_request"
+                )
+            text, prompt_ids = tokenizer.decode(req.prompt), req.prompt
         check(req.model, prompt_ids, req.max_tokens)
         if req.echo and not config.echo:
             raise ApiError(400, "echo=true is turned off on this server", "unsupported")
-        echo = req.prompt if req.echo else None
+        echo = text if req.echo else None
         best_of = req.best_of or req.n
         if best_of < req.n or (req.stream and best_of > req.n):
             raise ApiError(
                 400, "best_of must be >= n, and equal to it to stream", "invalid_request"
             )
         job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0, echo, best_of)
-        offsets = [0 if req.echo else len(req.prompt)] * req.n  # of each choice's next token
+        offsets = [0 if req.echo else len(text)] * req.n  # of each choice's next token
 
         def choice(i: int, text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
             logprobs = None

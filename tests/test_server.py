@@ -322,6 +322,9 @@ def test_echo_scores_the_prompt_with_purified_logprobs(server):
     scored = c.completions.create(**(kw | {"max_tokens": 0}), echo=True)
     assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
     assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
+    as_ids = c.completions.create(**(kw | {"prompt": ids}), echo=True).choices[0]
+    assert as_ids.text == echo.text and as_ids.logprobs.tokens == lp.tokens
+    assert as_ids.logprobs.token_logprobs == lp.token_logprobs
     events = list(c.completions.create(echo=True, stream=True, **kw))
     pieces = [e.choices[0] for e in events]
     assert pieces[0].text == prompt and "".join(p.text for p in pieces) == echo.text
@@ -330,19 +333,19 @@ def test_echo_scores_the_prompt_with_purified_logprobs(server):
 
 
 def test_echo_serves_what_the_evaluation_attacker_distils_from(teacher):
-    """The top-k attacker of ``cmiguard evaluate`` is this API's echo, renormalised."""
+    """The top-k attacker of ``cmiguard evaluate`` is this API's echo, renormalised,
+    on one of its own calibration sequences sent as token ids."""
     from fastapi.testclient import TestClient
 
     from cmiguard.attacks import top_k_view
-    from cmiguard.data import wiki_summaries
+    from cmiguard.data import text_examples, wiki_summaries
     from tests.conftest import trained_like
 
     tokenizer = teacher[1]
     model = tiny_model(len(tokenizer))
     transform = trained_like(LowRankTransform(len(tokenizer), 4, temperature=1.7), scale=0.5)
-    text = wiki_summaries("calibration", 1)[0][:200]
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    body = {"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 5}
+    ids = text_examples(tokenizer, wiki_summaries("calibration", 1), 64)[0].input_ids
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 5}
     with TestClient(create_app(model, tokenizer, transform, ServerConfig("tiny"))) as http:
         served = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
     with torch.no_grad():
@@ -383,6 +386,8 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"top_p": 0}, 400, "invalid_request"),
         (ASK | {"presence_penalty": 2.5}, 400, "invalid_request"),
         (ASK | {"prompt": ""}, 400, "invalid_request"),
+        (ASK | {"prompt": [1, 49152]}, 400, "invalid_request"),
+        (ASK | {"prompt": ["two", "prompts"]}, 400, "invalid_request"),
         (ASK | {"best_of": 2, "n": 3}, 400, "invalid_request"),
         (ASK | {"best_of": 2, "stream": True}, 400, "invalid_request"),
     ],
