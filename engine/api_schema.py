@@ -62,8 +62,9 @@ class Options(BaseModel):
 
 
 class CompletionRequest(Options):
-    # text, or token ids (scored exactly as given, with no re-tokenisation)
-    prompt: str | list[int]
+    # text or token ids (scored exactly as given, with no re-tokenisation),
+    # or a list of either: a job per prompt, choices numbered prompt by prompt
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False

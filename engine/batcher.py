@@ -47,6 +47,9 @@ class Job:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1  # choices: rows of the same batch, so a seed gives n different samples
+    # the index of its first choice in the reply: a request with several
+    # prompts is a job per prompt, streaming into one shared ``chunks``
+    first_index: int = 0
 
     def sampling(self) -> tuple[float, float, int | None]:
         """What a batch must share: one ``generate`` call samples every row alike."""
@@ -151,20 +154,25 @@ class Engine:
         self.worker: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def enqueue(self, job: Job) -> None:
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull as exc:
+    def enqueue(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs: all of them, or none and a 429."""
+        free = self.queue.maxsize - self.queue.qsize() if self.queue.maxsize else len(jobs)
+        if free < len(jobs):
             raise ApiError(
                 429, "the server is busy: request queue is full", "queue_full", "rate_limit"
-            ) from exc
+            )
+        for job in jobs:
+            self.queue.put_nowait(job)
 
-    async def submit(self, job: Job) -> list[dict[str, Any]]:
-        self.enqueue(job)
+    async def submit(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        """Each job's choices' results, once all have run."""
+        self.enqueue(jobs)
+        done = asyncio.gather(*(asyncio.shield(j.future) for j in jobs))
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.config.timeout_s)
+            return await asyncio.wait_for(done, self.config.timeout_s)
         except TimeoutError as exc:
-            job.future.cancel()
+            for job in jobs:
+                job.future.cancel()
             raise ApiError(504, "generation timed out", "timeout", "server_error") from exc
 
     async def run(self) -> None:
@@ -199,8 +207,9 @@ class Engine:
     def generate(self, batch: list[Job]) -> list[list[dict[str, Any]]]:
         """Run one batch, a row per choice: each job's choices' results; a
         streamed job's pieces go to its ``chunks`` as its tokens come."""
-        jobs = [job for job in batch for _ in range(job.n)]  # the job of each row
-        index = [i for job in batch for i in range(job.n)]  # its choice's index
+        # each row's job, and the index of its choice in the reply
+        jobs = [job for job in batch for _ in range(job.n)]
+        index = [job.first_index + i for job in batch for i in range(job.n)]
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -216,13 +225,14 @@ class Engine:
         echoed = {}  # row -> the prompt's logprobs entries
         for row, job in enumerate(jobs):
             if job.echo is not None:
-                echoed[row] = echoed[row - 1] if index[row] else self._prompt_entries(job, device)
+                again = row > 0 and jobs[row - 1] is job
+                echoed[row] = echoed[row - 1] if again else self._prompt_entries(job, device)
                 if job.chunks is not None:  # the prompt is each choice's first piece
                     self._put(job, ("delta", index[row], job.echo, echoed[row]))
         ended: set[int] = set()
 
         def result(row: int) -> dict[str, Any]:
-            out = replies[row].result() | {"prompt_tokens": len(jobs[row].prompt_ids)}
+            out = replies[row].result()
             if row in echoed and jobs[row].chunks is None:
                 out["text"] = jobs[row].echo + out["text"]
                 out["entries"] = echoed[row] + out["entries"]

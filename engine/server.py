@@ -108,6 +108,7 @@ def create_app(
         top: int,
         echo: str | None = None,
         rows: int | None = None,
+        first_index: int = 0,
     ) -> Job:
         """``rows`` choices are sampled (``n`` unless ``best_of`` asks for more)."""
         rows = rows or req.n
@@ -126,11 +127,11 @@ def create_app(
             future=asyncio.get_running_loop().create_future(),
             stop=req.checked_stops(),
             top_p=req.top_p,
-            chunks=asyncio.Queue() if req.stream else None,
             echo=echo,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             n=rows,
+            first_index=first_index,
         )
 
     Choice = Callable[[int, str, list[dict], str | None, bool], dict[str, Any]]
@@ -140,7 +141,7 @@ def create_app(
         "chat": ("chatcmpl", "chat.completion", "chat.completion.chunk"),
     }
 
-    async def answer(req: Options, job: Job, kind: str, choice: Choice) -> Any:
+    async def answer(req: Options, jobs: list[Job], kind: str, choice: Choice) -> Any:
         """The whole reply, or (``stream``) its pieces as server-sent events;
         ``choice(index, text, entries, finish_reason, streamed)`` shapes one choice."""
         prefix, whole, piece = kinds[kind]
@@ -151,26 +152,36 @@ def create_app(
             "model": config.model_name,
         }
         if not req.stream:
-            results = await engine.submit(job)
-            # best_of: the n best choices, in the order they were sampled
-            best = sorted(results, key=_per_token, reverse=True)[: req.n]
-            kept = [r for r in results if any(r is b for b in best)]
-            choices = [
-                choice(i, r["text"], r["entries"], r["finish_reason"], False)
-                for i, r in enumerate(kept)
-            ]
-            return head | {"choices": choices, "usage": _usage(results)}
-        engine.enqueue(job)
+            per_job = await engine.submit(jobs)
+            choices = []
+            for results in per_job:
+                # best_of: the n best choices, in the order they were sampled
+                best = sorted(results, key=_per_token, reverse=True)[: req.n]
+                kept = [r for r in results if any(r is b for b in best)]
+                choices += [
+                    choice(len(choices) + k, r["text"], r["entries"], r["finish_reason"], False)
+                    for k, r in enumerate(kept)
+                ]
+            usage = _usage(jobs, [r for results in per_job for r in results])
+            return head | {"choices": choices, "usage": usage}
+        chunks: asyncio.Queue = asyncio.Queue()
+        for job in jobs:
+            job.chunks = chunks
+        engine.enqueue(jobs)
         usage = req.stream_options is not None and req.stream_options.include_usage
         head["object"] = piece
-        return StreamingResponse(events(job, head, choice, usage), media_type="text/event-stream")
+        return StreamingResponse(
+            events(jobs, chunks, head, choice, usage), media_type="text/event-stream"
+        )
 
-    async def events(job: Job, head: dict, choice: Choice, usage: bool) -> AsyncIterator[str]:
+    async def events(
+        jobs: list[Job], chunks: asyncio.Queue, head: dict, choice: Choice, usage: bool
+    ) -> AsyncIterator[str]:
         results = []
         try:
             while True:
                 try:
-                    kind, *data = await asyncio.wait_for(job.chunks.get(), config.timeout_s)
+                    kind, *data = await asyncio.wait_for(chunks.get(), config.timeout_s)
                 except TimeoutError:
                     kind, data = (
                         "error",
@@ -191,14 +202,15 @@ def create_app(
                 results.append(result)
                 finish = choice(index, "", [], result["finish_reason"], True)
                 yield _event(head | {"choices": [finish]})
-                if len(results) < job.n:
+                if len(results) < sum(j.n for j in jobs):
                     continue
                 if usage:
-                    yield _event(head | {"choices": [], "usage": _usage(results)})
+                    yield _event(head | {"choices": [], "usage": _usage(jobs, results)})
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            job.future.cancel()  # a client that left before its batch ran is skipped
+            for job in jobs:  # a client that left before its batch ran is skipped
+                job.future.cancel()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -209,25 +221,30 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        if isinstance(req.prompt, str):
-            text, prompt_ids = req.prompt, tokenizer.encode(req.prompt, add_special_tokens=False)
-        else:
-            if any(not 0 <= t < len(tokenizer) for t in req.prompt):
-                raise ApiError(
-                    400, f"prompt token ids must be in [0, {len(tokenizer)})", "invalid_request"
-                )
-            text, prompt_ids = tokenizer.decode(req.prompt), req.prompt
-        check(req.model, prompt_ids, req.max_tokens)
+        prompts = [req.prompt] if isinstance(req.prompt, str) or _ids(req.prompt) else req.prompt
+        if not prompts:
+            raise ApiError(400, "prompt is empty", "invalid_request")
+        if len(prompts) > config.max_batch:
+            raise ApiError(
+                400,
+                f"{len(prompts)} prompts are over this server's batch of {config.max_batch}",
+                "invalid_request",
+            )
         if req.echo and not config.echo:
             raise ApiError(400, "echo=true is turned off on this server", "unsupported")
-        echo = text if req.echo else None
         best_of = req.best_of or req.n
         if best_of < req.n or (req.stream and best_of > req.n):
             raise ApiError(
                 400, "best_of must be >= n, and equal to it to stream", "invalid_request"
             )
-        job = new_job(req, prompt_ids, req.max_tokens, req.logprobs or 0, echo, best_of)
-        offsets = [0 if req.echo else len(text)] * req.n  # of each choice's next token
+        jobs, offsets = [], {}  # offsets: of each choice's next token in its text
+        for p, prompt in enumerate(prompts):
+            text, prompt_ids = text_and_ids(prompt)
+            check(req.model, prompt_ids, req.max_tokens)
+            echo = text if req.echo else None
+            top = req.logprobs or 0
+            jobs.append(new_job(req, prompt_ids, req.max_tokens, top, echo, best_of, p * req.n))
+            offsets |= {p * req.n + k: 0 if req.echo else len(text) for k in range(req.n)}
 
         def choice(i: int, text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
             logprobs = None
@@ -244,7 +261,17 @@ def create_app(
                 }
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        return await answer(req, job, "completion", choice)
+        return await answer(req, jobs, "completion", choice)
+
+    def text_and_ids(prompt: str | list[int]) -> tuple[str, list[int]]:
+        """A prompt's text and token ids, from either."""
+        if isinstance(prompt, str):
+            return prompt, tokenizer.encode(prompt, add_special_tokens=False)
+        if any(not 0 <= t < len(tokenizer) for t in prompt):
+            raise ApiError(
+                400, f"prompt token ids must be in [0, {len(tokenizer)})", "invalid_request"
+            )
+        return tokenizer.decode(prompt), prompt
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
@@ -272,7 +299,7 @@ def create_app(
             key = "delta" if streamed else "message"
             return {"index": i, key: message, "logprobs": logprobs, "finish_reason": finish}
 
-        return await answer(req, job, "chat", choice)
+        return await answer(req, [job], "chat", choice)
 
     return app
 
@@ -299,7 +326,13 @@ def _per_token(result: dict[str, Any]) -> float:
     return sum(e["logprob"] for e in generated) / max(n, 1)
 
 
-def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
-    """The prompt counts once, as OpenAI counts it, however many choices."""
-    p, c = results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results)
+def _ids(prompt: list) -> bool:
+    """Whether a list prompt is one prompt of token ids (not a list of prompts)."""
+    return bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
+def _usage(jobs: list[Job], results: list[dict[str, Any]]) -> dict[str, int]:
+    """Each prompt counts once, as OpenAI counts it, however many choices."""
+    p = sum(len(j.prompt_ids) for j in jobs)
+    c = sum(r["completion_tokens"] for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

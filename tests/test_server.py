@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
+from cmiguard.api_schema import ApiError
 from cmiguard.batcher import Engine, Job, Penalties
 from cmiguard.evaluation import EvalConfig, defense_fn
 from cmiguard.models import tiny_model
@@ -332,6 +333,44 @@ def test_echo_scores_the_prompt_with_purified_logprobs(server):
         assert [x for p in pieces for x in getattr(p.logprobs, key)] == getattr(lp, key), key
 
 
+def test_several_prompts_in_one_request(server):
+    """What lm-evaluation-harness's completions backend sends to score text:
+    a list of token-id prompts, echo, one logprob, no new tokens."""
+    c, tokenizer = client(server), server["tokenizer"]
+    texts = ["The capital of France is Paris", "Once upon a time"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    kw = {"model": "tiny", "max_tokens": 0, "echo": True, "logprobs": 1}
+    alone = [c.completions.create(prompt=p, **kw).choices[0] for p in ids]
+    together = c.completions.create(prompt=ids, **kw)
+    assert [ch.index for ch in together.choices] == [0, 1]
+    assert [ch.text for ch in together.choices] == texts
+    for ch, one in zip(together.choices, alone, strict=True):
+        assert ch.logprobs.token_logprobs == pytest.approx(one.logprobs.token_logprobs, abs=1e-5)
+        assert ch.logprobs.tokens == one.logprobs.tokens
+    assert together.usage.prompt_tokens == sum(map(len, ids))
+    kw = {"model": "tiny", "max_tokens": 4, "logprobs": 1, "n": 2, "seed": 5, "prompt": texts}
+    whole = c.completions.create(**kw)
+    assert [ch.index for ch in whole.choices] == [0, 1, 2, 3]
+    assert whole.usage.completion_tokens == 16
+    events = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    for ch in whole.choices:
+        pieces = [e.choices[0] for e in events if e.choices and e.choices[0].index == ch.index]
+        assert "".join(p.text for p in pieces) == ch.text
+        assert [t for p in pieces for t in p.logprobs.text_offset] == ch.logprobs.text_offset
+    assert events[-1].usage == whole.usage
+
+
+def test_a_request_is_queued_whole_or_refused(teacher):
+    engine = Engine(tiny_model(64), teacher[1], None, ServerConfig("tiny", max_queue=2))
+    jobs = [Job([1, 2], 1, 0.0, 0, None, None) for _ in range(3)]
+    engine.enqueue(jobs[:1])
+    with pytest.raises(ApiError, match="queue is full"):
+        engine.enqueue(jobs[1:])
+    assert engine.queue.qsize() == 1
+    engine.enqueue(jobs[1:2])
+    assert engine.queue.qsize() == 2
+
+
 def test_echo_serves_what_the_evaluation_attacker_distils_from(teacher):
     """The top-k attacker of ``cmiguard evaluate`` is this API's echo, renormalised,
     on one of its own calibration sequences sent as token ids."""
@@ -387,7 +426,9 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"presence_penalty": 2.5}, 400, "invalid_request"),
         (ASK | {"prompt": ""}, 400, "invalid_request"),
         (ASK | {"prompt": [1, 49152]}, 400, "invalid_request"),
-        (ASK | {"prompt": ["two", "prompts"]}, 400, "invalid_request"),
+        (ASK | {"prompt": [1, "mixed"]}, 400, "invalid_request"),
+        (ASK | {"prompt": ["one"] * 9}, 400, "invalid_request"),
+        (ASK | {"prompt": ["one", ""]}, 400, "invalid_request"),
         (ASK | {"best_of": 2, "n": 3}, 400, "invalid_request"),
         (ASK | {"best_of": 2, "stream": True}, 400, "invalid_request"),
     ],
