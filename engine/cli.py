@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -172,6 +172,13 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    uvicorn.run(serve_app(args), host=args.host, port=args.port)
+    return 0
+
+
+def serve_app(args: argparse.Namespace) -> Any:
+    """The app ``cmiguard serve`` runs, from its arguments."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
@@ -179,6 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cmiguard.server import ServerConfig, create_app
 
     device = _device(args.device)
+    if args.temperature is not None and not (args.transform and args.temperature > 0):
+        raise ValueError("--temperature needs --transform and a value > 0")
     if args.model == "teacher":
         model, tokenizer = load_teacher()
     else:
@@ -191,6 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         transform = load_transform(
             args.transform, vocab_size=rows, vocab_fingerprint=vocab_fingerprint(tokenizer)
         ).to(device)
+        if args.temperature is not None:
+            transform.temperature = args.temperature
     elif not args.unprotected:
         raise ValueError(
             "no --transform: serve a folded checkpoint with --unprotected, or pass --transform"
@@ -205,8 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         echo=args.echo,
     )
-    uvicorn.run(create_app(model, tokenizer, transform, config), host=args.host, port=args.port)
-    return 0
+    return create_app(model, tokenizer, transform, config)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -334,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="teacher", help="a transformers checkpoint folder, or 'teacher'"
     )
     p.add_argument("--transform", default=None, help="transform applied to every step's logits")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="serve at this temperature instead of the transform's own (see bench/lm_eval)",
+    )
     p.add_argument(
         "--unprotected",
         action="store_true",

@@ -199,3 +199,41 @@ def test_evaluate_on_the_real_teacher_writes_the_report_and_resumes(tmp_path, te
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="unknown attack wasserstein"):
         main([*argv, "--attacks", "forward_kl,wasserstein"])
+
+
+def test_serve_app_from_the_command_line(tmp_path, teacher):
+    """``cmiguard serve``'s app: a saved model, a transform file, --temperature, --no-echo."""
+    from fastapi.testclient import TestClient
+
+    from cmiguard import vocab_fingerprint
+    from cmiguard.cli import build_parser, serve_app
+    from cmiguard.models import tiny_model
+
+    tokenizer = teacher[1]
+    model = tiny_model(len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    t = trained_like(LowRankTransform(len(tokenizer), 4, temperature=3.0), scale=0.5)
+    save_transform(t, tmp_path / "t.safetensors", vocab_fingerprint(tokenizer))
+    argv = [
+        "serve",
+        "--model",
+        str(tmp_path / "model"),
+        "--transform",
+        str(tmp_path / "t.safetensors"),
+    ]
+    ids = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    body = {"model": "smollm2-135m-cmiguard", "prompt": ids, "max_tokens": 0, "echo": True}
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    nxt = torch.tensor(ids[1:])[:, None]
+    for extra, tau in (([], 3.0), (["--temperature", "1"], 1.0)):
+        app = serve_app(build_parser().parse_args([*argv, "--device", "cpu", *extra]))
+        with TestClient(app) as http:
+            got = http.post("/v1/completions", json=body | {"logprobs": 1}).json()
+        want = purify(logits, t, temperature=tau, output="logprobs").gather(1, nxt)[:, 0]
+        served = got["choices"][0]["logprobs"]["token_logprobs"][1:]
+        assert served == pytest.approx(want.tolist(), abs=1e-4)
+    with TestClient(serve_app(build_parser().parse_args([*argv, "--no-echo"]))) as http:
+        assert http.post("/v1/completions", json=body).status_code == 400
+    assert main(["serve", "--unprotected", "--temperature", "2"]) == 2
