@@ -40,19 +40,12 @@ class Options(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
-    def unsupported(self) -> str | None:
-        """The first thing asked for that this server does not do, if any."""
+    def checked_stops(self) -> tuple[str, ...]:
+        """Refuse ``logit_bias``; the stop sequences (at most ``MAX_STOPS``, none empty)."""
         if self.logit_bias:
             # biasing chosen tokens to the top reads the full logit vector out of
             # a top-k API, a few tokens per query (Carlini et al. 2024)
-            return "logit_bias"
-        return None
-
-    def checked_stops(self) -> tuple[str, ...]:
-        """Refuse what this server does not do; the stop sequences (at most
-        ``MAX_STOPS``, none empty)."""
-        if what := self.unsupported():
-            raise ApiError(400, f"{what} is not supported by this server", "unsupported")
+            raise ApiError(400, "logit_bias is not supported by this server", "unsupported")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if len(stops) > MAX_STOPS or not all(stops):
             raise ApiError(

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 from tqdm.auto import tqdm
 
 from cmiguard.checkpoint import load_transform, read_metadata, save_transform
 from cmiguard.data import capital_questions
 from cmiguard.models import cache_dir
+from cmiguard.transforms import make_transform
 
 HERE = Path(__file__).parent
 
@@ -49,16 +49,14 @@ def export_questions(path: Path) -> int:
     return len(questions)
 
 
-def variants(transform: Path, scratch: Path) -> dict[str, list[str]]:
-    """``cmiguard serve`` arguments of each variant, by name."""
-    soften = scratch / "soften.safetensors"  # the transform's temperature, no learned map
+def variants(transform: Path, scratch: Path, taus: list[float]) -> dict[str, list[str]]:
+    """``cmiguard serve`` arguments of each variant, by name: softening (no
+    learned map) at each of ``taus`` and at the transform's own temperature."""
+    soften = scratch / "soften.safetensors"
     t = load_transform(transform)
-    with torch.no_grad():
-        for name, p in t.named_parameters():
-            if name != "a":
-                p.zero_()
-    save_transform(t, soften, read_metadata(transform)["vocab_fingerprint"])
-    return {
+    identity = make_transform(t.family, t.vocab_size, t.rank, temperature=t.temperature)
+    save_transform(identity, soften, read_metadata(transform)["vocab_fingerprint"])
+    out = {
         "no_defense": ["--unprotected"],
         "cmiguard": ["--transform", str(transform)],
         f"learned map only (τ = 1, not {t.temperature:.2f})": [
@@ -67,8 +65,15 @@ def variants(transform: Path, scratch: Path) -> dict[str, list[str]]:
             "--temperature",
             "1",
         ],
-        f"soften (τ = {t.temperature:.2f} only)": ["--transform", str(soften)],
     }
+    for tau in sorted({*taus, t.temperature}):
+        out[f"soften (τ = {tau:.2f} only)"] = [
+            "--transform",
+            str(soften),
+            "--temperature",
+            str(tau),
+        ]
+    return out
 
 
 def free_port() -> int:
@@ -123,12 +128,16 @@ def main() -> None:
     parser.add_argument("--lm-eval", required=True, help="the lm_eval command")
     parser.add_argument("--transform", type=Path, default=Path("runs/demo/transform.safetensors"))
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--soften", default="1.5,2", help="more temperatures to serve softening at (comma list)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     questions = export_questions(HERE / "capitals.jsonl")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name, serve_args in tqdm(variants(args.transform, Path(scratch)).items()):
+        taus = [float(x) for x in args.soften.split(",") if x]
+        for name, serve_args in tqdm(variants(args.transform, Path(scratch), taus).items()):
             results[name] = score(args.lm_eval, serve_args, Path(scratch) / str(len(results)))
     rows = [
         f"| {name} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} "
