@@ -1,0 +1,109 @@
+"""What a serving temperature buys against distillation and what it costs users.
+
+    python bench/temperature_tradeoff.py runs/full runs/tau-1.5 runs/tau-2.0 \\
+        --lm-eval bench/lm_eval/results.json --out bench/evaluation/temperature
+
+The first folder is the full evaluation (its ``no_defense`` column is τ = 1,
+its ``soften`` column the demo's τ); each further one a ``cmiguard evaluate
+--defenses soften`` run with a transform whose learned map is zero and whose
+temperature is τ, same data, seed and students. Gap closed is against the
+first folder's raw students. Writes ``tradeoff.{md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cmiguard.report import gap_closed  # noqa: E402
+
+ATTACKS = ("forward_kl", "kd_t2", "adaptive_retemper")
+
+
+def points(runs: list[dict], lm_eval: dict) -> list[dict]:
+    """One point per temperature: served CMI, teacher accuracy, lm-eval accuracy,
+    and each attack's student and gap closed."""
+    full = runs[0]
+    for run in runs[1:]:
+        if run["config"] != full["config"]:
+            raise ValueError("every run must share the first one's data, seed and students")
+    raw, floor = full["attacks"], full["hard_label_floor"]
+
+    def point(run: dict, defense: str, tau: float, lm_name: str) -> dict:
+        students = {a: run["attacks"][a][defense] for a in ATTACKS if defense in run["attacks"][a]}
+        return {
+            "tau": tau,
+            "cmi": run["cmi"][defense],
+            "teacher_accuracy": run["teacher_accuracy"][defense],
+            "lm_eval_acc": lm_eval.get(lm_name, {}).get("acc"),
+            "students": students,
+            "gap_closed": {
+                a: gap_closed(raw[a]["no_defense"], s, floor) for a, s in students.items()
+            },
+        }
+
+    out = [point(full, "no_defense", 1.0, "no_defense")]
+    for run in [full, *runs[1:]]:
+        tau = run["transform_temperature"]
+        out.append(point(run, "soften", tau, f"soften (τ = {tau:.2f} only)"))
+    return sorted(out, key=lambda p: p["tau"])
+
+
+def table(pts: list[dict]) -> str:
+    head = "| τ | served CMI (nats) | teacher accuracy | lm-eval capitals acc |"
+    head += "".join(f" {a} gap closed |" for a in ATTACKS)
+    rows = [head, "|" + "---|" * (4 + len(ATTACKS))]
+    for p in pts:
+        lm = "" if p["lm_eval_acc"] is None else f"{p['lm_eval_acc']:.3f}"
+        cells = "".join(f" {p['gap_closed'][a]:+.2f} |" for a in ATTACKS)
+        rows.append(
+            f"| {p['tau']:.2f} | {p['cmi']:.3f} | {p['teacher_accuracy']:.4f} | {lm} |{cells}"
+        )
+    return "\n".join(rows)
+
+
+def plot(pts: list[dict], path: Path) -> None:
+    taus = [p["tau"] for p in pts]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(taus, [p["cmi"] for p in pts], "o-", label="served CMI (nats)")
+    lm = [(p["tau"], p["lm_eval_acc"]) for p in pts if p["lm_eval_acc"] is not None]
+    left.plot(*zip(*lm, strict=True), "s-", label="lm-eval capitals accuracy (users)")
+    left.plot(taus, [p["teacher_accuracy"] for p in pts], "^-", label="next-token accuracy")
+    left.set_xlabel("serving temperature τ (no learned map)")
+    left.set_title("what softening costs")
+    left.legend(fontsize=8)
+    for a in ATTACKS:
+        right.plot(taus, [p["gap_closed"][a] for p in pts], "o-", label=a)
+    right.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="must-show: 0.5")
+    right.axhline(0.0, color="black", linewidth=0.5)
+    right.set_xlabel("serving temperature τ (no learned map)")
+    right.set_ylabel("gap closed (student accuracy)")
+    right.set_title("what it buys against distillation")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--lm-eval", type=Path, required=True, help="bench/lm_eval results.json")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    runs = [json.loads((r / "evaluation.json").read_text()) for r in args.runs]
+    pts = points(runs, json.loads(args.lm_eval.read_text()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tradeoff.md").write_text(table(pts) + "\n")
+    (args.out / "tradeoff.json").write_text(json.dumps(pts, indent=2) + "\n")
+    plot(pts, args.out / "tradeoff.png")
+    print(table(pts))
+
+
+if __name__ == "__main__":
+    main()
