@@ -221,7 +221,7 @@ def serve_app(args: argparse.Namespace) -> Any:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
-    from cmiguard.data import text_examples, wiki_summaries
+    from cmiguard.data import capital_choices, choice_questions, text_examples, wiki_summaries
     from cmiguard.demo import DemoConfig, run_demo
     from cmiguard.evaluation import ATTACKS, DEFENSES, QUICK_ATTACKS, EvalConfig, evaluate
     from cmiguard.models import load_teacher
@@ -248,8 +248,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config.attacks = tuple(_known(args.attacks, ATTACKS, "attack"))
     if args.defenses:
         config.defenses = tuple(_known(args.defenses, DEFENSES, "defense"))
+    choices = choice_questions(tokenizer, capital_choices("heldout"))
     results = evaluate(
-        teacher, transform, calibration, heldout, tokenizer.pad_token_id, config, out
+        teacher, transform, calibration, heldout, tokenizer.pad_token_id, config, out, choices
     )
     if args.json:
         print(json.dumps(results))

@@ -159,6 +159,42 @@ def mc_examples(tokenizer: Any, questions: Sequence[dict[str, Any]]) -> list[Exa
     return out
 
 
+@dataclass
+class ChoiceQuestion:
+    """A question scored as a log-likelihood client scores it: which option's
+    tokens have the highest summed log-prob after the context."""
+
+    context: list[int]
+    options: list[list[int]]
+    gold: int
+
+
+def capital_choices(split: str) -> list[dict[str, Any]]:
+    """The capital questions as lm-evaluation-harness scores them: context
+    "The capital of X is", four capitals (the answer and the first three
+    distractors, its position cycling) and the answer's index."""
+    out = []
+    for q in capital_questions(split):
+        k = q["answer"]
+        choices = q["distractors"][:k] + [q["capital"]] + q["distractors"][k:3]
+        out.append({"context": f"The capital of {q['country']} is", "choices": choices, "gold": k})
+    return out
+
+
+def choice_questions(tokenizer: Any, items: Sequence[dict[str, Any]]) -> list[ChoiceQuestion]:
+    """Token ids as lm-evaluation-harness makes them: an option is " " + its
+    text, and its tokens are those of context + option after the context's."""
+    out = []
+    for item in items:
+        context = tokenizer.encode(item["context"], add_special_tokens=False)
+        options = []
+        for choice in item["choices"]:
+            whole = tokenizer.encode(f"{item['context']} {choice}", add_special_tokens=False)
+            options.append(whole[len(context) :])
+        out.append(ChoiceQuestion(context, options, item["gold"]))
+    return out
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     """Right-pad a list of examples into one batch."""
     width = max(len(e.input_ids) for e in examples)

@@ -31,7 +31,7 @@ from cmiguard.attacks import (
     floor_truncated,
     retemper,
 )
-from cmiguard.data import Example, batches
+from cmiguard.data import ChoiceQuestion, Example, batches
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.models import logits_rows, truncated_copy
 from cmiguard.purify import cmi, purify
@@ -238,8 +238,12 @@ def evaluate(
     pad: int,
     config: EvalConfig,
     out: Path | None = None,
+    choices: Sequence[ChoiceQuestion] = (),
 ) -> dict:
     """Students per (attack, defense), the SFT floor, the top-1 student and the teacher.
+
+    With ``choices`` each defense's teacher is also scored as a log-likelihood
+    client (lm-evaluation-harness) scores it: ``likelihood_accuracy``.
 
     With ``out``, the report (``evaluation.{json,md,png}``) is rewritten after
     every student, and a rerun into the same folder with the same config picks
@@ -257,6 +261,7 @@ def evaluate(
     template = truncated_copy(teacher, config.student_layers)
 
     per_defense = ("teacher_accuracy", "cmi", "cmi_retempered")
+    per_defense += ("likelihood_accuracy",) if choices else ()
 
     def save() -> None:
         """Write the report, every table in the registries' order."""
@@ -283,7 +288,7 @@ def evaluate(
         results["top1_student"] = top1["accuracy"]
         results["floor_perplexity"] = {"sft": floor["perplexity"], "top1": top1["perplexity"]}
     if any(not set(config.defenses) <= set(results.get(k, {})) for k in per_defense):
-        new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config)
+        new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config, choices)
         results |= new | {k: results.get(k, {}) | new[k] for k in per_defense}
     cells = [(d, a) for d in config.defenses for a in config.attacks]
     done = {(d, a) for a, row in results["attacks"].items() for d in row}
@@ -341,11 +346,13 @@ def _teacher_and_cmi(
     heldout: Sequence[Example],
     pad: int,
     config: EvalConfig,
+    choices: Sequence[ChoiceQuestion] = (),
 ) -> dict:
     """Held-out next-token accuracy of the argmax of each defense's output (one
     teacher pass), and the CMI of what each defense hands out on 8 batches: as
     served, and as the ``adaptive_retemper`` attacker sees it (CMI falls as the
-    temperature rises, so a served temperature lowers it without hiding anything)."""
+    temperature rises, so a served temperature lowers it without hiding
+    anything); with ``choices``, the :func:`likelihood_accuracy`."""
     names = dict.fromkeys(["no_defense", "cmiguard", *config.defenses])
     fns = {d: defense_fn(d, transform, config) for d in names}
     correct = dict.fromkeys(fns, 0)
@@ -368,10 +375,41 @@ def _teacher_and_cmi(
         view, _ = attacker_view(fn, ATTACKS["adaptive_retemper"], cached, config)
         retempered = torch.cat([view(b.teacher_logits.float()) for b in sample])
         retempered_cmi[d] = float(cmi(retempered, labels))
-    return {
+    out = {
         "teacher_accuracy": accuracy,
         "teacher_accuracy_raw": accuracy["no_defense"],
         "teacher_accuracy_purified": accuracy["cmiguard"],
         "cmi": served_cmi,
         "cmi_retempered": retempered_cmi,
     }
+    if choices:
+        out["likelihood_accuracy"] = likelihood_accuracy(teacher, choices, fns)
+    return out
+
+
+@torch.no_grad()
+def likelihood_accuracy(
+    model: nn.Module,
+    questions: Sequence[ChoiceQuestion],
+    defenses: dict[str, Callable[[Tensor], Tensor]],
+) -> dict[str, float]:
+    """Per defense, how often the gold option's tokens have the highest summed
+    served log-prob: what a client that scores sequences gets (argmax
+    accuracy says nothing of it: a temperature keeps every argmax)."""
+    correct = dict.fromkeys(defenses, 0)
+    for q in questions:
+        seqs = [q.context + option for option in q.options]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+        # the rows that predict each option's tokens, and whose option each is
+        rows = [(i, len(q.context) - 1 + j) for i, o in enumerate(q.options) for j in range(len(o))]
+        owner = torch.tensor([i for i, o in enumerate(q.options) for _ in o])
+        tokens = torch.tensor([t for o in q.options for t in o])[:, None]
+        z = logits_rows(model, ids, mask, torch.tensor(rows))
+        for d, defend in defenses.items():
+            served = defend(z).gather(1, tokens)[:, 0]
+            sums = torch.zeros(len(seqs)).index_add_(0, owner, served)
+            correct[d] += int(sums.argmax()) == q.gold
+    return {d: c / len(questions) for d, c in correct.items()}

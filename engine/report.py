@@ -91,15 +91,18 @@ def evaluation_table(results: dict) -> str:
     lines += _gap_table(log_ppl, guarded, log_ppl_floor, "+.2f")
     teacher = results.get("teacher_accuracy", {})
     retempered = results.get("cmi_retempered", {})
+    likelihood = results.get("likelihood_accuracy")
     lines += [
         "",
-        "| defense | teacher accuracy | CMI (nats) | CMI of what the re-temperer distils from |",
-        "|---|---|---|---|",
+        "| defense | teacher accuracy | CMI (nats) | CMI of what the re-temperer distils from |"
+        + (" log-likelihood accuracy (capitals) |" if likelihood else ""),
+        "|---|---|---|---|" + ("---|" if likelihood else ""),
     ]
     for d in results["cmi"]:
         lines.append(
             f"| {d} | {_cell(teacher.get(d), '.4f')} | {_cell(results['cmi'].get(d), '.3f')} "
             f"| {_cell(retempered.get(d), '.3f')} |"
+            + (f" {_cell(likelihood.get(d), '.3f')} |" if likelihood else "")
         )
     lines += [
         "",
@@ -109,6 +112,11 @@ def evaluation_table(results: dict) -> str:
         f"teacher: {results['teacher_accuracy_raw']:.4f} raw, "
         f"{results['teacher_accuracy_purified']:.4f} purified (held-out next-token accuracy).",
     ]
+    if likelihood:
+        lines.append(
+            "Log-likelihood accuracy: the held-out capital questions scored by each option's "
+            "summed served log-probs, as lm-evaluation-harness scores them."
+        )
     for attack, taus in results.get("fitted_temperature", {}).items():
         lines.append(
             f"{attack}: fitted τ " + ", ".join(f"{d} {t:.2f}" for d, t in taus.items()) + "."

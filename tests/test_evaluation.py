@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
-from cmiguard.evaluation import DEFENSES, EvalConfig, defense_fn, evaluate
+from cmiguard.data import ChoiceQuestion
+from cmiguard.evaluation import DEFENSES, EvalConfig, defense_fn, evaluate, likelihood_accuracy
 from cmiguard.models import tiny_model
 from cmiguard.report import (
     accuracy_noise,
@@ -36,10 +37,21 @@ def run_config() -> EvalConfig:
     )
 
 
+def tiny_questions(n=6, seed=3):
+    """Options of 1 to 4 tokens, so that a temperature can change which sum wins."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(k):
+        return torch.randint(0, 96, (k,), generator=gen).tolist()
+
+    return [ChoiceQuestion(ids(3), [ids(k) for k in (1, 2, 3, 4)], i % 4) for i in range(n)]
+
+
 def run(transform, out=None, config=None):
     teacher = tiny_model(96, seed=0)
     config = config or run_config()
-    return evaluate(teacher, transform, tiny_examples(8), tiny_examples(3, seed=9), 0, config, out)
+    calibration, heldout = tiny_examples(8), tiny_examples(3, seed=9)
+    return evaluate(teacher, transform, calibration, heldout, 0, config, out, tiny_questions())
 
 
 def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
@@ -52,6 +64,7 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
         assert list(row) == list(DEFENSES)
         assert all(0.0 <= v <= 1.0 for v in row.values())  # finite: truncation is floored
     assert set(first["fitted_temperature"]["adaptive_retemper"]) == set(DEFENSES)
+    assert list(first["likelihood_accuracy"]) == ["no_defense", *DEFENSES[1:]]
     assert first["teacher_accuracy_purified"] == first["teacher_accuracy_raw"]  # τ keeps the argmax
     assert first["cmi"]["cmiguard"] < first["cmi"]["no_defense"]
     # the transform here is a pure temperature: re-tempering gives the raw CMI back
@@ -70,6 +83,36 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
     assert json.loads((tmp_path / "evaluation.json").read_text())["attacks"] == first["attacks"]
     assert (tmp_path / "evaluation.png").stat().st_size > 1000
     assert "Gap closed" in (tmp_path / "evaluation.md").read_text()
+
+
+def test_likelihood_accuracy_is_the_summed_log_prob_argmax():
+    model = tiny_model(96, seed=0)
+    questions = []
+    for q in tiny_questions(8):  # the gold option: the model's own 4-token greedy continuation
+        seq = list(q.context)
+        for _ in range(4):
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        questions.append(ChoiceQuestion(q.context, [*q.options[:3], seq[len(q.context) :]], 3))
+    defenses = {  # the tiny model's logits are nearly flat (sd 0.18): sharpen one side
+        "sharp": lambda z: torch.log_softmax(z * 50, -1),
+        "flat": lambda z: torch.log_softmax(z, -1),
+    }
+    expected = {}
+    for name, defend in defenses.items():
+        hits = 0
+        for q in questions:
+            sums = []
+            for option in q.options:  # one unpadded forward per option
+                with torch.no_grad():
+                    z = model(torch.tensor([q.context + option])).logits[0]
+                served = defend(z[len(q.context) - 1 : -1])
+                sums.append(float(served.gather(1, torch.tensor(option)[:, None]).sum()))
+            hits += max(range(4), key=sums.__getitem__) == q.gold
+        expected[name] = hits / len(questions)
+    assert likelihood_accuracy(model, questions, defenses) == pytest.approx(expected, abs=1e-9)
+    # a sharp teacher ranks its own continuation first; a flat one, the shortest option
+    assert expected == {"sharp": 1.0, "flat": 0.0}
 
 
 def test_defenses_hand_out_log_probabilities():
