@@ -392,24 +392,34 @@ def likelihood_accuracy(
     model: nn.Module,
     questions: Sequence[ChoiceQuestion],
     defenses: dict[str, Callable[[Tensor], Tensor]],
+    chunk: int = 16,
 ) -> dict[str, float]:
     """Per defense, how often the gold option's tokens have the highest summed
     served log-prob: what a client that scores sequences gets (argmax
-    accuracy says nothing of it: a temperature keeps every argmax)."""
+    accuracy says nothing of it: a temperature keeps every argmax).
+    ``chunk`` questions share a forward pass."""
     correct = dict.fromkeys(defenses, 0)
-    for q in questions:
-        seqs = [q.context + option for option in q.options]
+    for first in range(0, len(questions), chunk):
+        group = questions[first : first + chunk]
+        pairs = [(q, option) for q in group for option in q.options]
+        seqs = [q.context + option for q, option in pairs]
         ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, seq in enumerate(seqs):
             ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-        # the rows that predict each option's tokens, and whose option each is
-        rows = [(i, len(q.context) - 1 + j) for i, o in enumerate(q.options) for j in range(len(o))]
-        owner = torch.tensor([i for i, o in enumerate(q.options) for _ in o])
-        tokens = torch.tensor([t for o in q.options for t in o])[:, None]
+        # the rows that predict each option's tokens, and which sequence each is in
+        rows, tokens = [], []
+        for i, (q, option) in enumerate(pairs):
+            rows += [(i, len(q.context) - 1 + j) for j in range(len(option))]
+            tokens += option
+        owner = torch.tensor(rows)[:, 0]
         z = logits_rows(model, ids, mask, torch.tensor(rows))
         for d, defend in defenses.items():
-            served = defend(z).gather(1, tokens)[:, 0]
+            served = defend(z).gather(1, torch.tensor(tokens)[:, None])[:, 0]
             sums = torch.zeros(len(seqs)).index_add_(0, owner, served)
-            correct[d] += int(sums.argmax()) == q.gold
+            start = 0
+            for q in group:
+                best = int(sums[start : start + len(q.options)].argmax())
+                correct[d] += best == q.gold
+                start += len(q.options)
     return {d: c / len(questions) for d, c in correct.items()}

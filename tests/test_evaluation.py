@@ -111,6 +111,7 @@ def test_likelihood_accuracy_is_the_summed_log_prob_argmax():
             hits += max(range(4), key=sums.__getitem__) == q.gold
         expected[name] = hits / len(questions)
     assert likelihood_accuracy(model, questions, defenses) == pytest.approx(expected, abs=1e-9)
+    assert likelihood_accuracy(model, questions, defenses, chunk=3) == expected  # 3 + 3 + 2
     # a sharp teacher ranks its own continuation first; a flat one, the shortest option
     assert expected == {"sharp": 1.0, "flat": 0.0}
 

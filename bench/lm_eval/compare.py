@@ -30,7 +30,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from cmiguard.checkpoint import load_transform, read_metadata, save_transform
-from cmiguard.data import capital_questions
+from cmiguard.data import capital_choices
 from cmiguard.models import cache_dir
 from cmiguard.transforms import make_transform
 
@@ -38,15 +38,11 @@ HERE = Path(__file__).parent
 
 
 def export_questions(path: Path) -> int:
-    """The held-out countries (split as the demo's): the capital and three
-    distractors, the answer's position cycling. Returns how many."""
-    questions = capital_questions("heldout")
-    with path.open("w") as f:
-        for q in questions:
-            k = q["answer"]
-            choices = q["distractors"][:k] + [q["capital"]] + q["distractors"][k:3]
-            f.write(json.dumps({"country": q["country"], "choices": choices, "gold": k}) + "\n")
-    return len(questions)
+    """The held-out capital questions, as ``cmiguard evaluate`` scores them
+    (:func:`cmiguard.data.capital_choices`). Returns how many."""
+    items = capital_choices("heldout")
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return len(items)
 
 
 def variants(transform: Path, scratch: Path, taus: list[float]) -> dict[str, list[str]]:
