@@ -14,7 +14,7 @@ import importlib.util
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,17 @@ class Batch:
     labels: Tensor  # [N]
     kinds: list[str]
     options: Tensor  # [N, 4] answer-letter token ids (-1 for text rows)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on ``device``."""
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            rows=self.rows.to(device),
+            labels=self.labels.to(device),
+            options=self.options.to(device),
+        )
 
 
 def package_file(package: str, relative: str, wheel: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,14 +161,7 @@ def train(
                 bar.close()
                 checkpoint(step)
                 return TrainResult(transform, history, start)
-            batch = replace(
-                batch,
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                rows=batch.rows.to(device),
-                labels=batch.labels.to(device),
-            )
-            stats = _step(config, teacher, surrogate, transform, batch, centroids)
+            stats = _step(config, teacher, surrogate, transform, batch.to(device), centroids)
             optimizer.zero_grad(set_to_none=True)
             stats.pop("_loss").backward(inputs=params)
             optimizer.step()
