@@ -31,7 +31,7 @@ from cmiguard.attacks import (
     floor_truncated,
     retemper,
 )
-from cmiguard.data import ChoiceQuestion, Example, batches
+from cmiguard.data import ChoiceQuestion, Example, batches, collate
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.models import logits_rows, truncated_copy
 from cmiguard.purify import cmi, purify
@@ -401,25 +401,19 @@ def likelihood_accuracy(
     correct = dict.fromkeys(defenses, 0)
     for first in range(0, len(questions), chunk):
         group = questions[first : first + chunk]
-        pairs = [(q, option) for q in group for option in q.options]
-        seqs = [q.context + option for q, option in pairs]
-        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-        # the rows that predict each option's tokens, and which sequence each is in
-        rows, tokens = [], []
-        for i, (q, option) in enumerate(pairs):
-            rows += [(i, len(q.context) - 1 + j) for j in range(len(option))]
-            tokens += option
-        owner = torch.tensor(rows)[:, 0]
-        z = logits_rows(model, ids, mask, torch.tensor(rows))
+        # one sequence per option; its rows are those that predict the option's tokens
+        options = [
+            Example(q.context + o, list(range(len(q.context) - 1, len(q.context) + len(o) - 1)), o)
+            for q in group
+            for o in q.options
+        ]
+        b = collate(options, 0)  # right padding: no scored row sees a pad
+        z = logits_rows(model, b.input_ids, b.attention_mask, b.rows)
         for d, defend in defenses.items():
-            served = defend(z).gather(1, torch.tensor(tokens)[:, None])[:, 0]
-            sums = torch.zeros(len(seqs)).index_add_(0, owner, served)
-            start = 0
-            for q in group:
-                best = int(sums[start : start + len(q.options)].argmax())
-                correct[d] += best == q.gold
-                start += len(q.options)
+            served = defend(z).gather(1, b.labels[:, None])[:, 0]
+            sums = torch.zeros(len(options)).index_add_(0, b.rows[:, 0], served)
+            per_question = sums.split([len(q.options) for q in group])
+            correct[d] += sum(
+                int(s.argmax()) == q.gold for q, s in zip(group, per_question, strict=True)
+            )
     return {d: c / len(questions) for d, c in correct.items()}
