@@ -296,10 +296,7 @@ class Engine:
         top = [[] for _ in chosen]
         if job.top_logprobs:
             values, tokens = logprobs.topk(job.top_logprobs, dim=-1)
-            top = [
-                [(decode([t]), v) for t, v in zip(ts, vs, strict=True)]
-                for ts, vs in zip(tokens.tolist(), values.tolist(), strict=True)
-            ]
+            top = [self._top(v, t) for v, t in zip(values, tokens, strict=True)]
         first = {"token": decode([ids[0]]), "logprob": None, "top": None}
         return [first] + [
             {"token": decode([t]), "logprob": lp, "top": tp}
@@ -315,10 +312,17 @@ class Engine:
     ) -> dict[str, Any]:
         """A token's logprobs entry from its row of the batch (top-k sorted, so
         the job's own ``top_logprobs`` are the first of the batch's largest ``k``)."""
-        decode = self.tokenizer.decode
         top = []
         if job.top_logprobs:
             values, ids = capture.top[step]
-            pairs = zip(values[row, : job.top_logprobs], ids[row, : job.top_logprobs], strict=True)
-            top = [(decode([int(t)]), float(v)) for v, t in pairs]
-        return {"token": decode([token]), "logprob": float(capture.chosen[step][row]), "top": top}
+            top = self._top(values[row, : job.top_logprobs], ids[row, : job.top_logprobs])
+        return {
+            "token": self.tokenizer.decode([token]),
+            "logprob": float(capture.chosen[step][row]),
+            "top": top,
+        }
+
+    def _top(self, values: Tensor, ids: Tensor) -> list[tuple[str, float]]:
+        """One row's top log-probs as (token text, log-prob) pairs."""
+        decode = self.tokenizer.decode
+        return [(decode([t]), v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
