@@ -126,6 +126,44 @@ def evaluation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+PER_DEFENSE = ("cmi", "teacher_accuracy", "cmi_retempered", "likelihood_accuracy")
+SHARED = (
+    "config",
+    "heldout_tokens",
+    "hard_label_floor",
+    "floor_perplexity",
+    "top1_student",
+    "teacher_accuracy_raw",
+    "teacher_accuracy_purified",
+)
+
+
+def side_by_side(base: dict, columns: dict[str, tuple[dict, str]]) -> dict:
+    """One results dict: ``base``'s raw students and floor, and as each named
+    column one defense of another run (``name: (results, defense)``). Runs of
+    the same data, seed and students only, so that every column's gap closed is
+    against the same raw student: a defense evaluated alone needs no raw
+    students of its own."""
+    out = {k: base[k] for k in SHARED if k in base}
+    out["attacks"], out["perplexity"] = {}, {}
+    out |= {k: {} for k in PER_DEFENSE}
+    out["fitted_temperature"] = {}
+    for name, (run, defense) in {"no_defense": (base, "no_defense"), **columns}.items():
+        if run["config"] != base["config"]:
+            raise ValueError(f"column {name!r} comes from a run with other data, seed or students")
+        for key in ("attacks", "perplexity"):
+            for attack, row in run[key].items():
+                if defense in row:
+                    out[key].setdefault(attack, {})[name] = row[defense]
+        for key in PER_DEFENSE:
+            if defense in run.get(key, {}):
+                out[key][name] = run[key][defense]
+        for attack, taus in run.get("fitted_temperature", {}).items():
+            if defense in taus:
+                out["fitted_temperature"].setdefault(attack, {})[name] = taus[defense]
+    return out
+
+
 def seed_table(runs: list[dict]) -> str:
     """Gap closed (on accuracy and on log-perplexity) per seed and its mean ±
     sample sd, for every (attack, defense) cell all runs have: one seed's ratio

@@ -13,6 +13,7 @@ from cmiguard.report import (
     evaluation_table,
     gap_closed,
     seed_table,
+    side_by_side,
     write_evaluation,
 )
 from tests.test_trainer import tiny_examples
@@ -184,6 +185,36 @@ def test_tables_stay_rectangular_while_only_the_raw_column_is_done():
         assert len(tables) == 5  # accuracy, its gap, perplexity, its gap, teacher and CMI
         for table in tables:
             assert {line.count("|") for line in table} == {table[0].count("|")}, table
+
+
+def test_side_by_side_puts_other_runs_defenses_against_the_base_raw_students():
+    def result(columns, config=None):
+        return {
+            "config": config or {"seed": 0},
+            "heldout_tokens": 1000,
+            "hard_label_floor": 0.1,
+            "top1_student": 0.15,
+            "floor_perplexity": {"sft": 90.0, "top1": 900.0},
+            "teacher_accuracy_raw": 0.4,
+            "teacher_accuracy_purified": 0.4,
+            "attacks": {"forward_kl": columns, "kd_t2": {d: v - 0.01 for d, v in columns.items()}},
+            "perplexity": {"forward_kl": dict.fromkeys(columns, 50.0)},
+            "cmi": {d: v * 10 for d, v in columns.items()},
+            "fitted_temperature": {"adaptive_retemper": {d: v * 100 for d, v in columns.items()}},
+        }
+
+    base = result({"no_defense": 0.3, "soften": 0.25})
+    hot = result({"soften": 0.1, "noise": 0.2})
+    merged = side_by_side(base, {"τ = 3.24": (base, "soften"), "τ = 10": (hot, "soften")})
+    assert merged["attacks"]["forward_kl"] == {"no_defense": 0.3, "τ = 3.24": 0.25, "τ = 10": 0.1}
+    assert merged["attacks"]["kd_t2"]["τ = 10"] == pytest.approx(0.09)
+    assert merged["cmi"] == {"no_defense": 3.0, "τ = 3.24": 2.5, "τ = 10": 1.0}
+    assert merged["fitted_temperature"]["adaptive_retemper"]["τ = 10"] == pytest.approx(10.0)
+    gaps = [line for line in evaluation_table(merged).splitlines() if "| +0.2000 |" in line]
+    # gap closed (0.3 - 0.25) / (0.3 - 0.1) = 0.25 and (0.3 - 0.1) / 0.2 = 1.00
+    assert gaps == ["| forward_kl | +0.2000 | 0.25 | 1.00 |"]
+    with pytest.raises(ValueError, match="'τ = 10' comes from a run with other data"):
+        side_by_side(base, {"τ = 10": (result({"soften": 0.1}, {"seed": 1}), "soften")})
 
 
 def test_seed_table_gives_each_seeds_gap_and_their_spread():
