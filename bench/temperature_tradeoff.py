@@ -1,13 +1,14 @@
 """What a serving temperature buys against distillation and what it costs users.
 
-    python bench/temperature_tradeoff.py runs/full runs/tau-1.5 runs/tau-2.0 \\
+    python bench/temperature_tradeoff.py runs/full runs/tau-1.5 runs/tau-2.0 runs/tau-10.0 \\
         --lm-eval bench/lm_eval/results.json --out bench/evaluation/temperature
 
 The first folder is the full evaluation (its ``no_defense`` column is τ = 1,
 its ``soften`` column the demo's τ); each further one a ``cmiguard evaluate
 --defenses soften`` run with a transform whose learned map is zero and whose
 temperature is τ, same data, seed and students. Gap closed is against the
-first folder's raw students. Writes ``tradeoff.{md,png}``.
+first folder's raw students. Writes ``tradeoff.{md,json,png}``, and under
+``all_attacks/`` every attack that ran at some τ, as one evaluation table.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cmiguard.report import gap_closed  # noqa: E402
+from cmiguard.report import gap_closed, side_by_side, write_evaluation  # noqa: E402
 
 ATTACKS = ("forward_kl", "kd_t2", "adaptive_retemper")
 
@@ -41,6 +42,7 @@ def points(runs: list[dict], lm_eval: dict) -> list[dict]:
             "tau": tau,
             "cmi": run["cmi"][defense],
             "teacher_accuracy": run["teacher_accuracy"][defense],
+            "likelihood_acc": run.get("likelihood_accuracy", {}).get(defense),
             "lm_eval_acc": lm_eval.get(lm_name, {}).get("acc"),
             "students": students,
             "gap_closed": {
@@ -55,16 +57,32 @@ def points(runs: list[dict], lm_eval: dict) -> list[dict]:
     return sorted(out, key=lambda p: p["tau"])
 
 
+def all_attacks(runs: list[dict]) -> dict:
+    """Raw students, and softening at each τ as a column, in one results dict."""
+    full = runs[0]
+    columns = {
+        f"τ = {r['transform_temperature']:.2f}": (r, "soften") for r in sorted(runs, key=_tau)
+    }
+    return side_by_side(full, columns)
+
+
+def _tau(run: dict) -> float:
+    return run["transform_temperature"]
+
+
+def _acc(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def table(pts: list[dict]) -> str:
-    head = "| τ | served CMI (nats) | teacher accuracy | lm-eval capitals acc |"
-    head += "".join(f" {a} gap closed |" for a in ATTACKS)
-    rows = [head, "|" + "---|" * (4 + len(ATTACKS))]
+    head = "| τ | served CMI (nats) | teacher accuracy | capitals log-likelihood acc |"
+    head += " lm-eval capitals acc |" + "".join(f" {a} gap closed |" for a in ATTACKS)
+    rows = [head, "|" + "---|" * (5 + len(ATTACKS))]
     for p in pts:
-        lm = "" if p["lm_eval_acc"] is None else f"{p['lm_eval_acc']:.3f}"
+        lead = f"| {p['tau']:.2f} | {p['cmi']:.3f} | {p['teacher_accuracy']:.4f} |"
+        users = f" {_acc(p['likelihood_acc'])} | {_acc(p['lm_eval_acc'])} |"
         cells = "".join(f" {p['gap_closed'][a]:+.2f} |" for a in ATTACKS)
-        rows.append(
-            f"| {p['tau']:.2f} | {p['cmi']:.3f} | {p['teacher_accuracy']:.4f} | {lm} |{cells}"
-        )
+        rows.append(lead + users + cells)
     return "\n".join(rows)
 
 
@@ -72,14 +90,20 @@ def plot(pts: list[dict], path: Path) -> None:
     taus = [p["tau"] for p in pts]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(taus, [p["cmi"] for p in pts], "o-", label="served CMI (nats)")
-    lm = [(p["tau"], p["lm_eval_acc"]) for p in pts if p["lm_eval_acc"] is not None]
-    left.plot(*zip(*lm, strict=True), "s-", label="lm-eval capitals accuracy (users)")
+    for key, style, label in (
+        ("likelihood_acc", "s-", "capitals log-likelihood accuracy (users)"),
+        ("lm_eval_acc", "x", "the same through the server, lm-eval"),
+    ):
+        users = [(p["tau"], p[key]) for p in pts if p[key] is not None]
+        left.plot(*zip(*users, strict=True), style, label=label)
+    left.set_xscale("log")
     left.plot(taus, [p["teacher_accuracy"] for p in pts], "^-", label="next-token accuracy")
     left.set_xlabel("serving temperature τ (no learned map)")
     left.set_title("what softening costs")
     left.legend(fontsize=8)
     for a in ATTACKS:
         right.plot(taus, [p["gap_closed"][a] for p in pts], "o-", label=a)
+    right.set_xscale("log")
     right.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="must-show: 0.5")
     right.axhline(0.0, color="black", linewidth=0.5)
     right.set_xlabel("serving temperature τ (no learned map)")
@@ -102,6 +126,7 @@ def main() -> None:
     (args.out / "tradeoff.md").write_text(table(pts) + "\n")
     (args.out / "tradeoff.json").write_text(json.dumps(pts, indent=2) + "\n")
     plot(pts, args.out / "tradeoff.png")
+    write_evaluation(all_attacks(runs), args.out / "all_attacks")
     print(table(pts))
 
 
