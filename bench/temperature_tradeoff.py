@@ -37,7 +37,7 @@ def points(runs: list[dict], lm_eval: dict) -> list[dict]:
     raw, floor = full["attacks"], full["hard_label_floor"]
 
     def point(run: dict, defense: str, tau: float, lm_name: str) -> dict:
-        students = {a: run["attacks"][a][defense] for a in ATTACKS if defense in run["attacks"][a]}
+        students = {a: run["attacks"][a][defense] for a in ATTACKS if a in _ran(run, defense)}
         return {
             "tau": tau,
             "cmi": run["cmi"][defense],
@@ -66,6 +66,11 @@ def all_attacks(runs: list[dict]) -> dict:
     return side_by_side(full, columns)
 
 
+def _ran(run: dict, defense: str) -> list[str]:
+    """The attacks a run trained a student for against ``defense``."""
+    return [a for a, row in run["attacks"].items() if defense in row]
+
+
 def _tau(run: dict) -> float:
     return run["transform_temperature"]
 
@@ -81,7 +86,8 @@ def table(pts: list[dict]) -> str:
     for p in pts:
         lead = f"| {p['tau']:.2f} | {p['cmi']:.3f} | {p['teacher_accuracy']:.4f} |"
         users = f" {_acc(p['likelihood_acc'])} | {_acc(p['lm_eval_acc'])} |"
-        cells = "".join(f" {p['gap_closed'][a]:+.2f} |" for a in ATTACKS)
+        gaps = [p["gap_closed"].get(a) for a in ATTACKS]
+        cells = "".join(" |" if g is None else f" {g:+.2f} |" for g in gaps)
         rows.append(lead + users + cells)
     return "\n".join(rows)
 
@@ -102,7 +108,9 @@ def plot(pts: list[dict], path: Path) -> None:
     left.set_title("what softening costs")
     left.legend(fontsize=8)
     for a in ATTACKS:
-        right.plot(taus, [p["gap_closed"][a] for p in pts], "o-", label=a)
+        ran = [(p["tau"], p["gap_closed"][a]) for p in pts if a in p["gap_closed"]]
+        if ran:
+            right.plot(*zip(*ran, strict=True), "o-", label=a)
     right.set_xscale("log")
     right.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="must-show: 0.5")
     right.axhline(0.0, color="black", linewidth=0.5)

@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--transform", type=Path, default=Path("runs/demo/transform.safetensors"))
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument(
-        "--soften", default="1.5,2", help="more temperatures to serve softening at (comma list)"
+        "--soften", default="1.5,2,10", help="more temperatures to serve softening at (comma list)"
     )
     args = parser.parse_args()
     start = time.perf_counter()
