@@ -37,7 +37,8 @@ def points(runs: list[dict], lm_eval: dict) -> list[dict]:
     raw, floor = full["attacks"], full["hard_label_floor"]
 
     def point(run: dict, defense: str, tau: float, lm_name: str) -> dict:
-        students = {a: run["attacks"][a][defense] for a in ATTACKS if a in _ran(run, defense)}
+        ran = {a: row[defense] for a, row in run["attacks"].items() if defense in row}
+        students = {a: ran[a] for a in ATTACKS if a in ran}
         return {
             "tau": tau,
             "cmi": run["cmi"][defense],
@@ -64,11 +65,6 @@ def all_attacks(runs: list[dict]) -> dict:
         f"τ = {r['transform_temperature']:.2f}": (r, "soften") for r in sorted(runs, key=_tau)
     }
     return side_by_side(full, columns)
-
-
-def _ran(run: dict, defense: str) -> list[str]:
-    """The attacks a run trained a student for against ``defense``."""
-    return [a for a, row in run["attacks"].items() if defense in row]
 
 
 def _tau(run: dict) -> float:
@@ -101,7 +97,8 @@ def plot(pts: list[dict], path: Path) -> None:
         ("lm_eval_acc", "x", "the same through the server, lm-eval"),
     ):
         users = [(p["tau"], p[key]) for p in pts if p[key] is not None]
-        left.plot(*zip(*users, strict=True), style, label=label)
+        if users:
+            left.plot(*zip(*users, strict=True), style, label=label)
     left.set_xscale("log")
     left.plot(taus, [p["teacher_accuracy"] for p in pts], "^-", label="next-token accuracy")
     left.set_xlabel("serving temperature τ (no learned map)")
