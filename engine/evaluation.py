@@ -250,7 +250,7 @@ def evaluate(
     up where the last one stopped. Defenses are the outer loop so a stopped run
     has whole columns; ``seconds`` adds up the time of every run.
     """
-    from cmiguard.report import write_evaluation
+    from cmiguard.report import PER_DEFENSE, write_evaluation
 
     start = time.perf_counter()
     data = {"calibration_examples": len(calibration), "heldout_examples": len(heldout)}
@@ -260,8 +260,8 @@ def evaluate(
     cached = cache_teacher(teacher, calibration, pad, config)
     template = truncated_copy(teacher, config.student_layers)
 
-    per_defense = ("teacher_accuracy", "cmi", "cmi_retempered")
-    per_defense += ("likelihood_accuracy",) if choices else ()
+    # the likelihood column only where there are questions to score
+    per_defense = tuple(k for k in PER_DEFENSE if choices or k != "likelihood_accuracy")
 
     def save() -> None:
         """Write the report, every table in the registries' order."""

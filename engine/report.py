@@ -126,7 +126,8 @@ def evaluation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-PER_DEFENSE = ("cmi", "teacher_accuracy", "cmi_retempered", "likelihood_accuracy")
+# an evaluation's results with one value per defense (rather than per attack)
+PER_DEFENSE = ("teacher_accuracy", "cmi", "cmi_retempered", "likelihood_accuracy")
 SHARED = (
     "config",
     "heldout_tokens",
