@@ -61,14 +61,9 @@ def points(runs: list[dict], lm_eval: dict) -> list[dict]:
 def all_attacks(runs: list[dict]) -> dict:
     """Raw students, and softening at each τ as a column, in one results dict."""
     full = runs[0]
-    columns = {
-        f"τ = {r['transform_temperature']:.2f}": (r, "soften") for r in sorted(runs, key=_tau)
-    }
+    hotter = sorted(runs, key=lambda r: r["transform_temperature"])
+    columns = {f"τ = {r['transform_temperature']:.2f}": (r, "soften") for r in hotter}
     return side_by_side(full, columns)
-
-
-def _tau(run: dict) -> float:
-    return run["transform_temperature"]
 
 
 def _acc(value: float | None) -> str:
