@@ -20,8 +20,8 @@ import openai
 import uvicorn
 
 from cmiguard import LowRankTransform, fold_into_lm_head
-from cmiguard.models import load_teacher, tiny_model
-from cmiguard.server import ServerConfig, create_app
+from cmiguard.serve.server import ServerConfig, create_app
+from cmiguard.train.models import load_teacher, tiny_model
 
 
 def serve(model, tokenizer, transform):

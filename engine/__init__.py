@@ -2,13 +2,14 @@
 the input-specific dark knowledge a distilling student learns from."""
 
 from cmiguard.checkpoint import load_transform, save_transform, vocab_fingerprint
-from cmiguard.models import fold_into_lm_head, load_teacher
-from cmiguard.objectives import (
+from cmiguard.fold import fold_into_lm_head
+from cmiguard.purify import StreamingCentroids, cmi, purify
+from cmiguard.train.models import load_teacher
+from cmiguard.train.objectives import (
     SurrogateProbe,
     anti_distillation_loss,
     gradient_misalignment_loss,
 )
-from cmiguard.purify import StreamingCentroids, cmi, purify
 from cmiguard.transforms import (
     DenseTransform,
     DiagLowRankTransform,

@@ -1,4 +1,6 @@
-"""``cmiguard`` command line: train, purify, demo."""
+"""The cmiguard command line: train a transform, purify stored logits, fold a
+transform into a model, serve purified logprobs, evaluate a defense against
+distillation attacks, and run the demo."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from cmiguard.trainer import OBJECTIVES, TrainConfig
+from cmiguard.train.trainer import OBJECTIVES, TrainConfig
 from cmiguard.transforms import FAMILIES
 
 if TYPE_CHECKING:
@@ -44,10 +46,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import save_transform, vocab_fingerprint
-    from cmiguard.data import capital_questions, mc_examples, text_examples, wiki_summaries
-    from cmiguard.models import load_teacher
-    from cmiguard.students import make_surrogate
-    from cmiguard.trainer import train
+    from cmiguard.train.data import capital_questions, mc_examples, text_examples, wiki_summaries
+    from cmiguard.train.models import load_teacher
+    from cmiguard.train.surrogate import make_surrogate
+    from cmiguard.train.trainer import train
 
     device = _device(args.device)  # a bad one fails before the teacher loads
     teacher, tokenizer = load_teacher()
@@ -150,7 +152,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
-    from cmiguard.models import fold_into_lm_head, load_teacher
+    from cmiguard.fold import fold_into_lm_head
+    from cmiguard.train.models import load_teacher
 
     if args.model == "teacher":
         model, tokenizer = load_teacher()
@@ -182,8 +185,8 @@ def serve_app(args: argparse.Namespace) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
-    from cmiguard.models import load_teacher
-    from cmiguard.server import ServerConfig, create_app
+    from cmiguard.serve.server import ServerConfig, create_app
+    from cmiguard.train.models import load_teacher
 
     device = _device(args.device)
     if args.temperature is not None and not (args.transform and args.temperature > 0):
@@ -220,11 +223,11 @@ def serve_app(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cmiguard.attack.evaluation import ATTACKS, DEFENSES, QUICK_ATTACKS, EvalConfig, evaluate
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
-    from cmiguard.data import capital_choices, choice_questions, text_examples, wiki_summaries
-    from cmiguard.demo import DemoConfig, run_demo
-    from cmiguard.evaluation import ATTACKS, DEFENSES, QUICK_ATTACKS, EvalConfig, evaluate
-    from cmiguard.models import load_teacher
+    from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
+    from cmiguard.train.demo import DemoConfig, run_demo
+    from cmiguard.train.models import load_teacher
 
     out = Path(args.out)
     teacher, tokenizer = load_teacher()
@@ -268,7 +271,7 @@ def _known(names: str, known: Sequence[str], what: str) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cmiguard.demo import DemoConfig, run_demo
+    from cmiguard.train.demo import DemoConfig, run_demo
 
     config = DemoConfig(calibration_articles=args.articles, heldout_articles=args.heldout_articles)
     metrics = run_demo(config, out_dir=args.out, progress=not args.json)
@@ -349,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=None,
-        help="serve at this temperature instead of the transform's own (see bench/lm_eval)",
+        help="serve at this temperature instead of the transform's own (see docs/EVALUATION.md)",
     )
     p.add_argument(
         "--unprotected",

@@ -10,7 +10,7 @@ runs pass 2 once more against the finished centroids. Per-chunk results are
 combined in torch; only the ``[N, 7]`` row statistics are saved, never
 ``[N, V]`` probabilities.
 
-Backward (:func:`grad_kernel`): ``∂L/∂t`` from the closed form of DESIGN.md
+Backward (:func:`grad_kernel`): ``∂L/∂t`` from the closed form in docs/DESIGN.md
 (``g = log p − log Q``, then the softmax backward), recomputing ``p`` from
 the saved log-sum-exps; the per-column gradients (scale, bias) are reduced
 in the kernel, the low-rank ones are two thin GEMMs on ``∂L/∂t``.

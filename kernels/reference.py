@@ -215,7 +215,7 @@ class ObjectiveFunction(torch.autograd.Function):
 
     ``t`` are transformed logits ``[N, V]`` (they carry the graph to the
     transform), ``z`` the raw ones. The backward is the closed form of
-    DESIGN.md (``g = log p − log Q``, then the softmax backward), computed
+    docs/DESIGN.md (``g = log p − log Q``, then the softmax backward), computed
     chunk by chunk from saved log-sum-exps instead of saved probabilities.
     Returns ``(loss, stats)``, ``stats = [cmi, ce, kl]`` without gradient.
     """

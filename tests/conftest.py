@@ -21,7 +21,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def teacher():
     """The real SmolLM2-135M-Instruct (make test installs its wheel)."""
-    from cmiguard.models import load_teacher
+    from cmiguard.train.models import load_teacher
 
     return load_teacher()
 

@@ -207,7 +207,7 @@ def test_serve_app_from_the_command_line(tmp_path, teacher):
 
     from cmiguard import vocab_fingerprint
     from cmiguard.cli import build_parser, serve_app
-    from cmiguard.models import tiny_model
+    from cmiguard.train.models import tiny_model
 
     tokenizer = teacher[1]
     model = tiny_model(len(tokenizer))

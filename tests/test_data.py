@@ -2,8 +2,8 @@ import importlib.util
 
 import pytest
 
-from cmiguard import data
-from cmiguard.models import load_teacher
+from cmiguard.train import data
+from cmiguard.train.models import load_teacher
 
 
 def test_splits_are_disjoint_and_stable():

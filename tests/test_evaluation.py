@@ -5,10 +5,14 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
-from cmiguard.data import ChoiceQuestion
-from cmiguard.evaluation import DEFENSES, EvalConfig, defense_fn, evaluate, likelihood_accuracy
-from cmiguard.models import tiny_model
-from cmiguard.report import (
+from cmiguard.attack.evaluation import (
+    DEFENSES,
+    EvalConfig,
+    defense_fn,
+    evaluate,
+    likelihood_accuracy,
+)
+from cmiguard.attack.report import (
     accuracy_noise,
     evaluation_table,
     gap_closed,
@@ -16,6 +20,8 @@ from cmiguard.report import (
     side_by_side,
     write_evaluation,
 )
+from cmiguard.train.data import ChoiceQuestion
+from cmiguard.train.models import tiny_model
 from tests.test_trainer import tiny_examples
 
 

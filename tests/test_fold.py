@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cmiguard import DiagLowRankTransform, LowRankTransform, fold_into_lm_head, purify
-from cmiguard.models import tiny_model
+from cmiguard.train.models import tiny_model
 from tests.conftest import trained_like
 
 

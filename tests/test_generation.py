@@ -3,8 +3,8 @@ import torch
 
 from cmiguard import LowRankTransform, fold_into_lm_head, purify, save_transform
 from cmiguard.cli import main
-from cmiguard.generation import PurifyLogitsProcessor, generate_purified
-from cmiguard.models import tiny_model
+from cmiguard.serve.generation import PurifyLogitsProcessor, generate_purified
+from cmiguard.train.models import tiny_model
 from tests.conftest import trained_like
 
 
@@ -88,6 +88,6 @@ def test_vllm_adapter_says_what_to_install_without_vllm():
     import sys
 
     assert importlib.util.find_spec("vllm") is None  # cmiguard does not install vLLM
-    sys.modules.pop("cmiguard.vllm_adapter", None)
+    sys.modules.pop("cmiguard.serve.vllm_adapter", None)
     with pytest.raises(ImportError, match="pip install vllm.*cmiguard fold"):
-        import cmiguard.vllm_adapter  # noqa: F401
+        import cmiguard.serve.vllm_adapter  # noqa: F401

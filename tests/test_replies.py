@@ -2,7 +2,7 @@
 
 import pytest
 
-from cmiguard.replies import Reply
+from cmiguard.serve.replies import Reply
 
 EOS = 2
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
-from cmiguard.api_schema import ApiError
-from cmiguard.batcher import Engine, Job, Penalties
-from cmiguard.evaluation import EvalConfig, defense_fn
-from cmiguard.models import tiny_model
-from cmiguard.server import ServerConfig, create_app
+from cmiguard.attack.evaluation import EvalConfig, defense_fn
+from cmiguard.serve.engine import Engine, Job, Penalties
+from cmiguard.serve.protocol import ApiError
+from cmiguard.serve.server import ServerConfig, create_app
+from cmiguard.train.models import tiny_model
 
 KEY = "test-key"
 TAU = 2.5
@@ -376,8 +376,8 @@ def test_echo_serves_what_the_evaluation_attacker_distils_from(teacher):
     on one of its own calibration sequences sent as token ids."""
     from fastapi.testclient import TestClient
 
-    from cmiguard.attacks import top_k_view
-    from cmiguard.data import text_examples, wiki_summaries
+    from cmiguard.attack.losses import top_k_view
+    from cmiguard.train.data import text_examples, wiki_summaries
     from tests.conftest import trained_like
 
     tokenizer = teacher[1]

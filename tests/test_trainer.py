@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cmiguard.data import Example
-from cmiguard.models import tiny_model
-from cmiguard.trainer import TrainConfig, train
+from cmiguard.train.data import Example
+from cmiguard.train.models import tiny_model
+from cmiguard.train.trainer import TrainConfig, train
 
 
 def tiny_examples(n=10, v=96, length=12, seed=0):

@@ -1,7 +1,7 @@
 """Apply a cmiguard transform inside vLLM (v1 engine, batch-level logits processors).
 
     CMIGUARD_TRANSFORM=runs/t/transform.safetensors \\
-    vllm serve MODEL --logits-processors cmiguard.vllm_adapter:CMIGuardLogitsProcessor \\
+    vllm serve MODEL --logits-processors cmiguard.serve.vllm_adapter:CMIGuardLogitsProcessor \\
         --logprobs-mode processed_logprobs
 
 Prefer serving a folded checkpoint (``cmiguard fold``): it needs no adapter and
@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from cmiguard.checkpoint import load_transform
-from cmiguard.generation import purify_padded
+from cmiguard.serve.generation import purify_padded
 
 try:
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VllmLogitsProcessor
 except ImportError as exc:  # pragma: no cover - exercised where vLLM is absent
     raise ImportError(
-        "cmiguard.vllm_adapter needs vLLM (pip install vllm); or serve a folded checkpoint: "
+        "cmiguard.serve.vllm_adapter needs vLLM (pip install vllm); or serve a folded checkpoint: "
         "cmiguard fold --model ... --transform ... --out DIR, then vllm serve DIR"
     ) from exc
 

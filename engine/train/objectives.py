@@ -1,6 +1,6 @@
 """Training objectives for the transform (the teacher is frozen).
 
-``cmi``: the direct objective, ``λ_cmi·CMI + λ_ce·CE + λ_kl·KL`` (DESIGN.md §3).
+``cmi``: the direct objective, ``λ_cmi·CMI + λ_ce·CE + λ_kl·KL`` (docs/DESIGN.md, "Objectives").
 ``paper``: the seed paper's gradient misalignment, ``CE + λ·cos(g, g′)``.
 """
 

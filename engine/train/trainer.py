@@ -15,10 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmiguard.checkpoint import load_checkpoint, save_checkpoint, save_transform
-from cmiguard.data import Example, batches
-from cmiguard.models import logits_rows, surrogate_probe
-from cmiguard.objectives import anti_distillation_loss, gradient_misalignment_loss
 from cmiguard.purify import StreamingCentroids
+from cmiguard.train.data import Example, batches
+from cmiguard.train.models import logits_rows, surrogate_probe
+from cmiguard.train.objectives import anti_distillation_loss, gradient_misalignment_loss
 from cmiguard.transforms import LogitTransform, make_transform
 
 OBJECTIVES = ("paper", "cmi")

@@ -1,7 +1,7 @@
 """``cmiguard serve``: an OpenAI-compatible completions server whose logprobs are purified.
 
 The routes shape requests into jobs for the generation worker
-(:mod:`cmiguard.batcher`) and its results into OpenAI replies: whole, or as
+(:mod:`cmiguard.serve.engine`) and its results into OpenAI replies: whole, or as
 server-sent events while the batch runs. ``echo`` scores the prompt
 teacher-forced, with the same purified log-probs. Bad requests get
 OpenAI-style 4xx errors, never 500; a failed batch answers 500 (streamed: an
@@ -24,8 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from torch import nn
 
-from cmiguard.api_schema import ApiError, ChatRequest, CompletionRequest, Options
-from cmiguard.batcher import Engine, Job, ServerConfig
+from cmiguard.serve.engine import Engine, Job, ServerConfig
+from cmiguard.serve.protocol import ApiError, ChatRequest, CompletionRequest, Options
 from cmiguard.transforms import LogitTransform
 
 __all__ = ["ServerConfig", "create_app"]

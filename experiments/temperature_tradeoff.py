@@ -1,7 +1,7 @@
 """What a serving temperature buys against distillation and what it costs users.
 
-    python bench/temperature_tradeoff.py runs/full runs/tau-1.5 runs/tau-2.0 runs/tau-10.0 \\
-        --lm-eval bench/lm_eval/results.json --out bench/evaluation/temperature
+    python experiments/temperature_tradeoff.py runs/full runs/tau-1.5 runs/tau-2.0 runs/tau-10.0 \\
+        --lm-eval experiments/lm_eval/results.json --out experiments/results/temperature
 
 The first folder is the full evaluation (its ``no_defense`` column is τ = 1,
 its ``soften`` column the demo's τ); each further one a ``cmiguard evaluate
@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cmiguard.report import gap_closed, side_by_side, write_evaluation  # noqa: E402
+from cmiguard.attack.report import gap_closed, side_by_side, write_evaluation  # noqa: E402
 
 ATTACKS = ("forward_kl", "kd_t2", "adaptive_retemper")
 
@@ -117,7 +117,9 @@ def plot(pts: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--lm-eval", type=Path, required=True, help="bench/lm_eval results.json")
+    parser.add_argument(
+        "--lm-eval", type=Path, required=True, help="experiments/lm_eval/results.json"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     runs = [json.loads((r / "evaluation.json").read_text()) for r in args.runs]

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cmiguard.data import Example, batches
-from cmiguard.models import logits_rows
 from cmiguard.purify import cmi, purify
+from cmiguard.train.data import Example, batches
+from cmiguard.train.models import logits_rows
 from cmiguard.transforms import LogitTransform
 
 

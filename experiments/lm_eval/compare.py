@@ -2,7 +2,7 @@
 log-likelihood scoring of the held-out capital questions, through
 ``cmiguard serve``, raw vs purified (and the purification's two parts).
 
-    python bench/lm_eval/compare.py --lm-eval /tmp/lmenv/bin/lm_eval
+    python experiments/lm_eval/compare.py --lm-eval /tmp/lmenv/bin/lm_eval
 
 lm-eval is not a dependency of cmiguard (it is large): install it in its own
 environment, ``python -m venv /tmp/lmenv && /tmp/lmenv/bin/pip install
@@ -30,8 +30,8 @@ import httpx
 from tqdm.auto import tqdm
 
 from cmiguard.checkpoint import load_transform, read_metadata, save_transform
-from cmiguard.data import capital_choices
-from cmiguard.models import cache_dir
+from cmiguard.train.data import capital_choices
+from cmiguard.train.models import cache_dir
 from cmiguard.transforms import make_transform
 
 HERE = Path(__file__).parent
@@ -39,7 +39,7 @@ HERE = Path(__file__).parent
 
 def export_questions(path: Path) -> int:
     """The held-out capital questions, as ``cmiguard evaluate`` scores them
-    (:func:`cmiguard.data.capital_choices`). Returns how many."""
+    (:func:`cmiguard.train.data.capital_choices`). Returns how many."""
     items = capital_choices("heldout")
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
     return len(items)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from cmiguard.checkpoint import save_transform, vocab_fingerprint
-from cmiguard.data import (
+from cmiguard.purify import cmi
+from cmiguard.train.data import (
     Example,
     capital_questions,
     label_counts,
@@ -19,11 +20,10 @@ from cmiguard.data import (
     text_examples,
     wiki_summaries,
 )
-from cmiguard.evaluate import RowSet, compare, mc_choice, teacher_rows
-from cmiguard.models import load_teacher
-from cmiguard.purify import cmi
-from cmiguard.students import make_surrogate
-from cmiguard.trainer import TrainConfig, train
+from cmiguard.train.metrics import RowSet, compare, mc_choice, teacher_rows
+from cmiguard.train.models import load_teacher
+from cmiguard.train.surrogate import make_surrogate
+from cmiguard.train.trainer import TrainConfig, train
 from cmiguard.transforms import LogitTransform
 
 

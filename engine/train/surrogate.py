@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cmiguard.data import Example, batches
-from cmiguard.models import logits_rows, truncated_copy
-from cmiguard.objectives import student_loss
+from cmiguard.train.data import Example, batches
+from cmiguard.train.models import logits_rows, truncated_copy
+from cmiguard.train.objectives import student_loss
 
 
 def make_surrogate(

@@ -23,18 +23,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cmiguard.attacks import (
-    DIVERGENCES,
-    distillation_loss,
+from cmiguard.attack.adaptive import (
     fit_linear_inverse,
     fit_temperature,
     floor_truncated,
     retemper,
 )
-from cmiguard.data import ChoiceQuestion, Example, batches, collate
+from cmiguard.attack.losses import DIVERGENCES, distillation_loss
 from cmiguard.kernels.reference import IGNORE_INDEX
-from cmiguard.models import logits_rows, truncated_copy
 from cmiguard.purify import cmi, purify
+from cmiguard.train.data import ChoiceQuestion, Example, batches, collate
+from cmiguard.train.models import logits_rows, truncated_copy
 from cmiguard.transforms import LogitTransform
 
 ATTACKS: dict[str, dict] = {name: {"attack": name} for name in DIVERGENCES}
@@ -250,7 +249,7 @@ def evaluate(
     up where the last one stopped. Defenses are the outer loop so a stopped run
     has whole columns; ``seconds`` adds up the time of every run.
     """
-    from cmiguard.report import PER_DEFENSE, write_evaluation
+    from cmiguard.attack.report import PER_DEFENSE, write_evaluation
 
     start = time.perf_counter()
     data = {"calibration_examples": len(calibration), "heldout_examples": len(heldout)}

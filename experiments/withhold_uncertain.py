@@ -1,9 +1,9 @@
 """Can a defense withhold the argmax where the teacher is unsure, within 1 point?
 
-    python bench/withhold_uncertain.py        # ~9 min on 2 CPU cores
+    python experiments/withhold_uncertain.py        # ~9 min on 2 CPU cores
 
 Every argmax-keeping defense hands the hard-label attacker the raw teacher's
-student (bench/EVALUATION.md). Teacher accuracy may fall by 1 point and a
+student (docs/EVALUATION.md). Teacher accuracy may fall by 1 point and a
 defense does not see the label, so the argmaxes it can afford to change are
 on the rows where the teacher is least often right: its least confident.
 This defense serves, on rows whose top-1 probability is below θ, one fixed
@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 
 from cmiguard import cmi
-from cmiguard.data import batches, text_examples, wiki_summaries
-from cmiguard.evaluation import (
+from cmiguard.attack.evaluation import (
     ATTACKS,
     EvalConfig,
     attacker_view,
@@ -29,9 +28,10 @@ from cmiguard.evaluation import (
     score,
     train_student,
 )
+from cmiguard.attack.report import gap_closed
 from cmiguard.kernels.reference import IGNORE_INDEX
-from cmiguard.models import load_teacher, logits_rows, truncated_copy
-from cmiguard.report import gap_closed
+from cmiguard.train.data import batches, text_examples, wiki_summaries
+from cmiguard.train.models import load_teacher, logits_rows, truncated_copy
 
 BUDGET = 0.01  # teacher accuracy the defense may lose
 

@@ -1,0 +1,2 @@
+"""Judging a defense: distillation attacks (losses and adaptive attackers),
+the students they train, the evaluation grid and its report."""

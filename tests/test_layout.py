@@ -1,0 +1,103 @@
+"""The package's layout holds: imports point one way, and the docs' links resolve."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# cmiguard.<sub> for each concern; everything else directly under engine/ is the core
+CONCERNS = ("train", "attack", "serve")
+# what each part may import from cmiguard (besides the core and the kernels)
+ALLOWED = {
+    "core": set(),
+    "kernels": set(),
+    "train": {"train"},
+    "attack": {"train", "attack"},
+    "serve": {"train", "serve"},
+}
+# the public facade and the command line sit above every concern
+ENTRY_POINTS = ("engine/__init__.py", "engine/cli.py")
+
+
+def part_of(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    if rel.parts[0] == "kernels":
+        return "kernels"
+    return rel.parts[1] if len(rel.parts) > 2 and rel.parts[1] in CONCERNS else "core"
+
+
+def cmiguard_imports(path: Path) -> set[str]:
+    """The ``cmiguard.<part>`` each import in ``path`` reaches (lazy ones included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "cmiguard" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def modules() -> list[Path]:
+    files = sorted((ROOT / "engine").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
+    return [f for f in files if str(f.relative_to(ROOT)) not in ENTRY_POINTS]
+
+
+def test_the_layout_has_its_rooms():
+    for concern in CONCERNS:
+        assert (ROOT / "engine" / concern / "__init__.py").is_file()
+    assert len(modules()) >= 30
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_one_way(path: Path):
+    part = part_of(path)
+    reached = {name for name in cmiguard_imports(path) if name in CONCERNS}
+    forbidden = reached - ALLOWED[part]
+    assert not forbidden, f"{path.relative_to(ROOT)} ({part}) imports cmiguard.{forbidden}"
+    if part == "kernels":
+        assert cmiguard_imports(path) <= {"kernels"}, "the kernels import nothing of the engine"
+
+
+def test_the_rule_catches_a_core_module_importing_serve(tmp_path):
+    """The check itself sees a lazy import of serve from a core module."""
+    bad = tmp_path / "probe.py"
+    bad.write_text("def f():\n    from cmiguard.serve.server import create_app\n")
+    assert cmiguard_imports(bad) == {"serve"}
+    assert part_of(ROOT / "engine" / "probe.py") == "core"
+    assert part_of(ROOT / "engine" / "serve" / "probe.py") == "serve"
+    assert "serve" not in ALLOWED["core"] | ALLOWED["attack"]
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def documents() -> list[Path]:
+    return (
+        [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        + sorted((ROOT / "experiments").rglob("*.md"))
+        + [ROOT / "bench" / "RESULTS.md"]
+    )
+
+
+@pytest.mark.parametrize("doc", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(doc: Path):
+    links = [m for m in LINK.findall(doc.read_text(encoding="utf-8")) if "://" not in m]
+    missing = [m for m in links if not (doc.parent / m).exists()]
+    assert not missing, f"{doc.relative_to(ROOT)} links to missing {missing}"
+    assert "../shared" not in doc.read_text(encoding="utf-8")
+
+
+def test_nothing_needs_files_outside_the_repository():
+    for path in [*modules(), *(ROOT / "tests").rglob("*.py"), ROOT / "Makefile"]:
+        if path.name == "test_layout.py":
+            continue
+        assert "shared/" not in path.read_text(encoding="utf-8"), path
