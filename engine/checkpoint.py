@@ -57,6 +57,8 @@ def save_transform(
         "temperature": repr(transform.temperature),
         "bias": str(getattr(transform, "bias", None) is not None),
         "vocab_fingerprint": vocab_fingerprint,
+        # empty: no argmax guard (files written before the guard existed have none)
+        "guard_margin": "" if transform.guard_margin is None else repr(transform.guard_margin),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -110,6 +112,8 @@ def load_transform(
         )
     family = metadata["family"]
     kwargs: dict[str, Any] = {"temperature": float(metadata["temperature"])}
+    if metadata.get("guard_margin"):
+        kwargs["guard_margin"] = float(metadata["guard_margin"])
     if family in ("lowrank", "dense"):  # diag_lowrank always has its bias
         kwargs["bias"] = metadata.get("bias") == "True"
     transform = make_transform(family, file_vocab, int(metadata["rank"]), **kwargs)

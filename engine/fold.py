@@ -19,6 +19,12 @@ def fold_into_lm_head(model: nn.Module, transform: LogitTransform) -> nn.Module:
     Unties the LM head from the input embeddings first. The folded model is a
     normal checkpoint: ``save_pretrained`` and any server load it unchanged.
     """
+    if transform.guard_margin is not None:
+        raise ValueError(
+            "this transform has an argmax guard, which needs the raw logits and is not a "
+            "linear map: it cannot be folded into an LM head; apply it per step "
+            "(cmiguard serve --transform, PurifyLogitsProcessor, the vLLM adapter)"
+        )
     head = model.get_output_embeddings()
     if head.weight.shape[0] != transform.vocab_size:
         raise ValueError(

@@ -28,6 +28,7 @@ def purify(
     """Purified logits ``T(z)/τ`` (or log-probs), same shape and dtype as ``logits``.
 
     ``temperature=None`` uses the transform's own (1.0 unless trained with one).
+    A guarded transform (``guard_margin``) keeps every row's raw argmax on top.
     With ``top_k`` returns ``(values, token_ids)`` of the k largest entries
     only, as a logprobs API does, without materialising the full output.
     """
@@ -48,9 +49,11 @@ def purify(
     if backend(flat) == "triton":
         from cmiguard.kernels.purify import purify_triton
 
-        result = purify_triton(flat, params, tau, output, top_k)
+        result = purify_triton(flat, params, tau, output, top_k, guard=transform.guard_margin)
     else:
-        result = purify_reference(flat, params, tau, output, top_k, has_mask=has_mask)
+        result = purify_reference(
+            flat, params, tau, output, top_k, has_mask=has_mask, guard=transform.guard_margin
+        )
     if top_k is not None:
         values, ids = result
         shape = (*logits.shape[:-1], top_k)

@@ -1,7 +1,10 @@
 """Learned affine transforms of the logits, all identity at initialisation.
 
 Being affine in ``z = h Eᵀ + c`` they can be folded into the LM head
-(:meth:`LogitTransform.fold`), which makes purified serving free.
+(:meth:`LogitTransform.fold`), which makes purified serving free. An
+optional argmax guard (``guard_margin``) puts each row's raw answer back on
+top after the map; it is not affine, so a guarded transform is applied
+where the raw logits are (purify, the serving processors), never folded.
 """
 
 from __future__ import annotations
@@ -9,9 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cmiguard.kernels.reference import affine_logits
+from cmiguard.kernels.reference import affine_logits, argmax_guard
 
 FAMILIES = ("lowrank", "diag_lowrank", "dense")
+# which factor of the low-rank part starts at zero: "lora" (A random, B = 0:
+# the zero factor writes) or "seed" (the seed paper's (I + AB)z read
+# literally: A = 0 reads z, B random writes)
+INITS = ("lora", "seed")
 
 
 class LogitTransform(nn.Module):
@@ -19,13 +26,22 @@ class LogitTransform(nn.Module):
 
     family: str = ""
 
-    def __init__(self, vocab_size: int, rank: int = 0, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        rank: int = 0,
+        temperature: float = 1.0,
+        guard_margin: float | None = None,
+    ) -> None:
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if guard_margin is not None and not guard_margin >= 0:
+            raise ValueError(f"guard_margin must be >= 0 (or None), got {guard_margin}")
         self.vocab_size = int(vocab_size)
         self.rank = int(rank)
         self.temperature = float(temperature)
+        self.guard_margin = None if guard_margin is None else float(guard_margin)
 
     def kernel_params(self) -> dict[str, Tensor | None]:
         """The tensors :func:`cmiguard.kernels.reference.affine_logits` takes."""
@@ -37,35 +53,68 @@ class LogitTransform(nn.Module):
                 f"logits have {logits.shape[-1]} entries in the last dimension, "
                 f"the transform expects vocab_size={self.vocab_size}"
             )
-        flat = logits.reshape(-1, self.vocab_size)
-        out = affine_logits(flat, **self.kernel_params())
+        out = self.apply_fp32(logits.reshape(-1, self.vocab_size))
         return out.reshape(logits.shape).to(logits.dtype)
+
+    def apply_fp32(self, rows: Tensor) -> Tensor:
+        """``T(z)`` of ``[N, V]`` rows in fp32 (guarded when ``guard_margin`` is
+        set), with the graph to the parameters."""
+        out = affine_logits(rows, **self.kernel_params())
+        if self.guard_margin is not None:
+            out = argmax_guard(out, rows, self.guard_margin)
+        return out
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """LM-head ``(E', c')`` such that ``h E'ᵀ + c' = T(h Eᵀ + c)``."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, rank={self.rank}, temperature={self.temperature}"
+        guard = "" if self.guard_margin is None else f", guard_margin={self.guard_margin}"
+        return (
+            f"vocab_size={self.vocab_size}, rank={self.rank}, temperature={self.temperature}{guard}"
+        )
+
+
+def _low_rank_factors(
+    vocab_size: int, rank: int, init: str, init_scale: float
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """``(A, B)`` of ``z + (zA)Bᵀ``: one factor ~ N(0, 1), the other
+    ``init_scale``·N(0, 1) (zero by default: the identity, where the seed's
+    cosine has no gradient; a small scale starts just off it)."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not init_scale >= 0:
+        raise ValueError(f"init_scale must be >= 0, got {init_scale}")
+    random = torch.randn(vocab_size, rank)
+    small = torch.randn(vocab_size, rank) * init_scale if init_scale else torch.zeros_like(random)
+    a, b = (random, small) if init == "lora" else (small, random)
+    return nn.Parameter(a), nn.Parameter(b)
 
 
 class LowRankTransform(LogitTransform):
     """``T(z) = z + (z A) Bᵀ (+ b)``: the seed paper's ``M = I + A B``.
 
-    ``A ~ N(0, 1)`` and ``B = 0`` so that ``T`` starts as the identity while
-    ``B``'s gradient is not zero.
+    ``init="lora"``: ``A ~ N(0, 1)`` and ``B = 0``, so that ``T`` starts as the
+    identity while ``B``'s gradient is not zero; ``init="seed"``: ``A = 0``,
+    ``B ~ N(0, 1)`` (see :data:`INITS`).
     """
 
     family = "lowrank"
 
     def __init__(
-        self, vocab_size: int, rank: int = 32, bias: bool = False, temperature: float = 1.0
+        self,
+        vocab_size: int,
+        rank: int = 32,
+        bias: bool = False,
+        temperature: float = 1.0,
+        init: str = "lora",
+        init_scale: float = 0.0,
+        guard_margin: float | None = None,
     ) -> None:
-        super().__init__(vocab_size, rank, temperature)
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        self.a = nn.Parameter(torch.randn(vocab_size, rank))
-        self.b = nn.Parameter(torch.zeros(vocab_size, rank))
+        super().__init__(vocab_size, rank, temperature, guard_margin)
+        self.a, self.b = _low_rank_factors(vocab_size, rank, init, init_scale)
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
     def kernel_params(self) -> dict[str, Tensor | None]:
@@ -83,13 +132,18 @@ class DiagLowRankTransform(LogitTransform):
 
     family = "diag_lowrank"
 
-    def __init__(self, vocab_size: int, rank: int = 32, temperature: float = 1.0) -> None:
-        super().__init__(vocab_size, rank, temperature)
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+    def __init__(
+        self,
+        vocab_size: int,
+        rank: int = 32,
+        temperature: float = 1.0,
+        init: str = "lora",
+        init_scale: float = 0.0,
+        guard_margin: float | None = None,
+    ) -> None:
+        super().__init__(vocab_size, rank, temperature, guard_margin)
         self.scale = nn.Parameter(torch.ones(vocab_size))
-        self.a = nn.Parameter(torch.randn(vocab_size, rank))
-        self.b = nn.Parameter(torch.zeros(vocab_size, rank))
+        self.a, self.b = _low_rank_factors(vocab_size, rank, init, init_scale)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def kernel_params(self) -> dict[str, Tensor | None]:
@@ -106,8 +160,14 @@ class DenseTransform(LogitTransform):
 
     family = "dense"
 
-    def __init__(self, vocab_size: int, bias: bool = True, temperature: float = 1.0) -> None:
-        super().__init__(vocab_size, 0, temperature)
+    def __init__(
+        self,
+        vocab_size: int,
+        bias: bool = True,
+        temperature: float = 1.0,
+        guard_margin: float | None = None,
+    ) -> None:
+        super().__init__(vocab_size, 0, temperature, guard_margin)
         self.weight = nn.Parameter(torch.eye(vocab_size))
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 

@@ -30,6 +30,8 @@ def purify_kernel(
     bias_ptr,
     out_ptr,
     lse_ptr,
+    j_ptr,
+    lift_ptr,
     N,
     V,
     v_chunk,
@@ -41,21 +43,28 @@ def purify_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     LOGPROBS: tl.constexpr,
+    GUARD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """``T(z)/τ`` (minus the row's log-sum-exp for log-probs) over one chunk."""
+    """``T(z)/τ`` (minus the row's log-sum-exp for log-probs) over one chunk;
+    with ``GUARD`` column ``j[row]`` holds ``lift[row]`` instead of ``T(z)``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_out
     if LOGPROBS:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    if GUARD:
+        jj = tl.load(j_ptr + rows, mask=row_ok, other=-1)
+        lift = tl.load(lift_ptr + rows, mask=row_ok, other=0.0)
     v_lo = tl.program_id(1) * v_chunk
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
+        if GUARD:
+            t = tl.where(cols[None, :] == jj[:, None], lift[:, None], t)
         t = t * inv_tau
         if LOGPROBS:
             t = t - lse[:, None]
@@ -95,17 +104,24 @@ def row_lse(
     cfg: LaunchConfig,
     need_t: bool = False,
     need_z: bool = False,
-) -> Tensor:
+    guard_cols: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``[N, 3]`` fp32: the log-sum-exps of ``T(z)/τ``, ``T(z)`` (if ``need_t``)
-    and ``z`` (if ``need_z``); 0 for an all-masked row (its outputs stay ``-inf``)."""
+    and ``z`` (if ``need_z``); 0 for an all-masked row (its outputs stay ``-inf``).
+    With ``guard_cols`` (``[N]`` int64) also ``[N, 2]``: per row the largest
+    ``T(z)`` off that column and ``T(z)`` on it."""
     x = ops["x"]
     n, v = x.shape
     splits, chunk = vocab_split(n, v, cfg, x.device)
     part = torch.full((splits, n, 3), float("-inf"), dtype=torch.float32, device=x.device)
+    guard = guard_cols is not None
+    g_part = torch.full((splits if guard else 1, n, 2), float("-inf"), device=x.device)
     lse_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         *kernel_operands(ops),
         z,
         part,
+        guard_cols if guard else part,
+        g_part,
         n,
         v,
         chunk,
@@ -115,10 +131,12 @@ def row_lse(
         *kernel_flags(ops),
         need_t,
         need_z,
+        guard,
         *cfg.constexprs,
         **cfg.options,
     )
-    return torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
+    lse = torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
+    return (lse, g_part.amax(0)) if guard else lse
 
 
 def kernel_operands(ops: dict[str, object]) -> tuple:
@@ -157,18 +175,48 @@ def transform_operands(z: Tensor, params: dict[str, Tensor | None]) -> dict[str,
     return ops
 
 
-def launch_purify(ops: dict[str, object], out: Tensor, temperature: float, logprobs: bool) -> None:
-    """Purify all rows of ``ops["x"]`` into ``out`` (log-sum-exp pass first for log-probs)."""
+def guard_lift(
+    lse: Tensor, off_on: Tensor, margin: float, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The argmax guard from :func:`row_lse`'s guard columns: each row's lifted
+    ``T(z)_j`` and the log-sum-exp of ``T(z)/τ`` with it in place of the old value
+    (changed only where the guard lifts, so no cancellation elsewhere)."""
+    runner_up, t_j = off_on.unbind(1)
+    lift = torch.maximum(t_j, runner_up + margin)
+    lifted = lift > t_j
+    # log(Σ_{k≠j} e^{t_k/τ}): where lifted, t_j < runner_up + margin bounds the cancellation
+    rest = lse + torch.log1p(-torch.exp(t_j / temperature - lse).clamp(max=1.0))
+    new = torch.where(lifted, torch.logaddexp(rest, lift / temperature), lse)
+    return lift.contiguous(), new.contiguous()
+
+
+def launch_purify(
+    ops: dict[str, object],
+    out: Tensor,
+    temperature: float,
+    logprobs: bool,
+    guard: float | None = None,
+) -> None:
+    """Purify all rows of ``ops["x"]`` into ``out`` (log-sum-exp pass first for
+    log-probs, and for the guard, whose statistics that pass also takes)."""
     x = ops["x"]
     n, v = x.shape
     u = ops.get("u")
     cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
-    lse = row_lse(ops, x, temperature, cfg)[:, 0].contiguous() if logprobs else None
+    lse = cols = lift = None
+    if guard is not None:
+        cols = ops["argmax"]
+        lse, off_on = row_lse(ops, x, temperature, cfg, guard_cols=cols)
+        lift, lse = guard_lift(lse[:, 0], off_on, guard, temperature)
+    elif logprobs:
+        lse = row_lse(ops, x, temperature, cfg)[:, 0].contiguous()
     splits, chunk = vocab_split(n, v, cfg, x.device)
     purify_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         *kernel_operands(ops),
         out,
         lse if lse is not None else out,
+        cols if cols is not None else out,
+        lift if lift is not None else out,
         n,
         v,
         chunk,
@@ -177,6 +225,7 @@ def launch_purify(ops: dict[str, object], out: Tensor, temperature: float, logpr
         1.0 / temperature,
         *kernel_flags(ops),
         logprobs,
+        guard is not None,
         *cfg.constexprs,
         **cfg.options,
     )
@@ -189,20 +238,28 @@ def purify_triton(
     output: str = "logits",
     top_k: int | None = None,
     chunk_rows: int | None = None,
+    guard: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Triton twin of :func:`cmiguard.kernels.reference.purify_reference` (``z``: ``[N, V]``)."""
     z = z if z.stride(-1) == 1 else z.contiguous()
     logprobs = output == "logprobs"
+
+    def operands(rows: Tensor) -> dict[str, object]:
+        ops = transform_operands(rows, params)
+        if guard is not None:  # one more read of z for now; the project pass could take it
+            ops["argmax"] = rows.argmax(-1).contiguous()
+        return ops
+
     if top_k is None:
         out = torch.empty_like(z)
-        launch_purify(transform_operands(z, params), out, temperature, logprobs)
+        launch_purify(operands(z), out, temperature, logprobs, guard)
         return out
     n, v = z.shape
     values = torch.empty(n, top_k, dtype=z.dtype, device=z.device)
     ids = torch.empty(n, top_k, dtype=torch.long, device=z.device)
     for rows in row_chunks(n, v, chunk_rows):
         block = torch.empty(rows.stop - rows.start, v, dtype=torch.float32, device=z.device)
-        launch_purify(transform_operands(z[rows], params), block, temperature, logprobs)
+        launch_purify(operands(z[rows]), block, temperature, logprobs, guard)
         top_values, top_ids = block.topk(top_k, dim=-1)
         values[rows], ids[rows] = top_values.to(z.dtype), top_ids
     return values, ids

@@ -56,6 +56,21 @@ def affine_logits(
     return t
 
 
+def argmax_guard(t: Tensor, z: Tensor, margin: float, out: Tensor | None = None) -> Tensor:
+    """Put each row's raw answer back on top: ``t_j ← max(t_j, max_{k≠j} t_k + margin)``
+    with ``j = argmax z``. Differentiable (autograd flows through the runner-up
+    where the guard lifts ``t_j``). With ``out`` (``t`` itself, no autograd)
+    the row is changed in place. A row with one finite entry is left alone.
+    """
+    j = z.argmax(-1, keepdim=True)
+    t_j = t.gather(-1, j)
+    runner_up = t.scatter(-1, j, float("-inf")).amax(-1, keepdim=True)
+    lifted = torch.maximum(t_j, runner_up + margin)
+    if out is not None:
+        return out.scatter_(-1, j, lifted)
+    return t.scatter(-1, j, lifted)
+
+
 def project_rows(z: Tensor, a: Tensor, has_mask: bool) -> Tensor:
     """``u = z A`` in fp32 for all rows at once (``[N, r]`` is small); masked read as 0."""
     if z.dtype == torch.float32 and not has_mask:
@@ -104,10 +119,12 @@ def purify_reference(
     top_k: int | None = None,
     chunk_rows: int | None = None,
     has_mask: bool | None = None,
+    guard: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``T(z)/τ`` (``output="logits"``) or its log-softmax (``"logprobs"``).
 
-    ``params`` are a transform's ``kernel_params()``. With ``top_k`` only the
+    ``params`` are a transform's ``kernel_params()``; ``guard`` its
+    ``guard_margin`` (:func:`argmax_guard` after ``T``). With ``top_k`` only the
     k largest values (and their ids) are written. ``z`` is ``[N, V]``; the
     output keeps its dtype. fp32 results are computed straight into the
     output, one chunk of rows at a time, so the only extra memory is ``z A``
@@ -130,6 +147,8 @@ def purify_reference(
                 z[rows], params, u[rows] if u is not None else None, has_mask,
                 out[rows] if direct else None,
             )  # fmt: skip
+            if guard is not None:
+                argmax_guard(t, z[rows], guard, out=t)
             if temperature != 1.0:
                 t.div_(temperature)
             if output == "logprobs":

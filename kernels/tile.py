@@ -89,6 +89,8 @@ def lse_kernel(
     bias_ptr,
     z_ptr,
     part_ptr,
+    j_ptr,
+    guard_ptr,
     N,
     V,
     v_chunk,
@@ -101,15 +103,22 @@ def lse_kernel(
     HAS_BIAS: tl.constexpr,
     NEED_T: tl.constexpr,
     NEED_Z: tl.constexpr,
+    GUARD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """Per vocabulary chunk, the log-sum-exps of ``T(z)/τ`` and, when asked, of
-    ``T(z)`` and of the raw ``z``: ``part[split, row, 0..2]``."""
+    ``T(z)`` and of the raw ``z``: ``part[split, row, 0..2]``. With ``GUARD``
+    also, for the argmax guard around column ``j[row]``, the largest ``T(z)``
+    off that column and ``T(z)`` on it: ``guard[split, row, 0..1]``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
+    if GUARD:
+        jj = tl.load(j_ptr + rows, mask=rows < N, other=-1)
+        g_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        g_on = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m1 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m3 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -121,6 +130,10 @@ def lse_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
         m1, s1 = online_lse(m1, s1, t * inv_tau)
+        if GUARD:
+            on_j = cols[None, :] == jj[:, None]
+            g_off = tl.maximum(g_off, tl.max(tl.where(on_j, float("-inf"), t), axis=1))
+            g_on = tl.maximum(g_on, tl.max(tl.where(on_j, t, float("-inf")), axis=1))
         if NEED_T:
             m2, s2 = online_lse(m2, s2, t)
         if NEED_Z:
@@ -132,6 +145,10 @@ def lse_kernel(
         tl.store(out + 1, chunk_lse(m2, s2), mask=row_ok)
     if NEED_Z:
         tl.store(out + 2, chunk_lse(m3, s3), mask=row_ok)
+    if GUARD:
+        g = guard_ptr + (split * N + rows).to(tl.int64) * 2
+        tl.store(g, g_off, mask=row_ok)
+        tl.store(g + 1, g_on, mask=row_ok)
 
 
 @triton.jit

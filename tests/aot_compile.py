@@ -49,13 +49,28 @@ def main():
     tile = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "tf32x3"}
     flags = {"R": 64, "HAS_LOWRANK": True, "HAS_SCALE": True, "HAS_BIAS": True}
     half = {"x_ptr": "*bf16", "out_ptr": "*bf16"}
+    guard = {"j_ptr": "*i64"}
     done = [
-        compile_one(purify_kernel, {**flags, **tile, "LOGPROBS": True}, half),
+        compile_one(purify_kernel, {**flags, **tile, "LOGPROBS": True, "GUARD": False}, half),
+        compile_one(purify_kernel, {**flags, **tile, "LOGPROBS": True, "GUARD": True}, guard),
         compile_one(
             purify_kernel,
-            {**flags, **tile, "R": 0, "HAS_LOWRANK": False, "HAS_SCALE": False, "LOGPROBS": False},
+            {
+                **flags,
+                **tile,
+                "R": 0,
+                "HAS_LOWRANK": False,
+                "HAS_SCALE": False,
+                "LOGPROBS": False,
+                "GUARD": False,
+            },
         ),
-        compile_one(lse_kernel, {**flags, **tile, "NEED_T": True, "NEED_Z": True}, half),
+        compile_one(
+            lse_kernel, {**flags, **tile, "NEED_T": True, "NEED_Z": True, "GUARD": False}, half
+        ),
+        compile_one(
+            lse_kernel, {**flags, **tile, "NEED_T": False, "NEED_Z": False, "GUARD": True}, guard
+        ),
         compile_one(
             project_kernel,
             {"R": 256, "BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "ieee"},

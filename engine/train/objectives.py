@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmiguard.kernels import backend
-from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction, affine_logits
+from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction
 from cmiguard.purify import StreamingCentroids
 from cmiguard.transforms import LogitTransform
 from cmiguard.validation import check_device, check_labels, check_logits
@@ -25,8 +25,9 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
     from cmiguard.kernels.cmi_loss import ProjectFunction, TritonObjectiveFunction
 
     params = transform.kernel_params()
-    if params.get("weight") is not None:
-        x, u, b, scale, bias = affine_logits(logits, **params), None, None, None, None
+    if params.get("weight") is not None or transform.guard_margin is not None:
+        # the guard is not affine: the kernels take the guarded T(z) as given, autograd the rest
+        x, u, b, scale, bias = transform.apply_fp32(logits), None, None, None, None
     else:
         x, b, scale, bias = logits, params.get("b"), params.get("scale"), params.get("bias")
         u = ProjectFunction.apply(logits, params["a"]) if params.get("a") is not None else None
@@ -34,7 +35,7 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
     if estimator == "streaming":
         state = state if state is not None else StreamingCentroids(transform.vocab_size)
         with torch.no_grad():
-            t = affine_logits(logits, **params)
+            t = transform.apply_fp32(logits)
         log_q = state.log_centroids(t, labels, lams[3], lams[4])
         del t
     return TritonObjectiveFunction.apply(x, u, b, scale, bias, logits, labels, log_q, *lams)
@@ -55,9 +56,10 @@ def _check_rows(logits: Tensor, labels: Tensor, transform: LogitTransform) -> No
 
 
 def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> Tensor:
-    """Validated ``T(z)`` in fp32, with the graph to the transform's parameters."""
+    """Validated ``T(z)`` in fp32 (guarded if the transform is), with the graph to
+    the transform's parameters."""
     _check_rows(logits, labels, transform)
-    return affine_logits(logits, **transform.kernel_params())
+    return transform.apply_fp32(logits)
 
 
 def anti_distillation_loss(
