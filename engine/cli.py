@@ -223,7 +223,8 @@ def serve_app(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cmiguard.attack.evaluation import ATTACKS, DEFENSES, QUICK_ATTACKS, EvalConfig, evaluate
+    from cmiguard.attack.defenses import parse
+    from cmiguard.attack.evaluation import ATTACKS, QUICK_ATTACKS, EvalConfig, evaluate
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
     from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
     from cmiguard.train.demo import DemoConfig, run_demo
@@ -235,25 +236,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.transform = out / "transform.safetensors"
         if not args.transform.exists():  # a resumed run keeps the transform it started with
             run_demo(DemoConfig(), out_dir=out, progress=not args.json)
-    transform = load_transform(
-        args.transform, teacher.config.vocab_size, vocab_fingerprint(tokenizer)
-    )
+    fingerprint = vocab_fingerprint(tokenizer)
+    transforms = {
+        "cmiguard": load_transform(args.transform, teacher.config.vocab_size, fingerprint)
+    }
+    for item in args.cmiguard:  # label=path: a further learned defense, cmiguard@label
+        label, _, path = item.partition("=")
+        if not (label and path):
+            raise ValueError(f"--cmiguard takes LABEL=PATH, got {item!r}")
+        transforms[f"cmiguard@{label}"] = load_transform(
+            path, teacher.config.vocab_size, fingerprint
+        )
     articles, held, steps = (
         (24, 8, 20) if args.quick else (args.articles, args.heldout_articles, args.steps)
     )
     calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
     heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
-    config = EvalConfig(steps=steps, seed=args.seed, progress=not args.json)
+    config = EvalConfig(steps=steps, seed=args.seed, autocast=args.autocast, progress=not args.json)
     if args.quick:  # a smoke run inside 10 minutes on 2 cores, not a finding
-        config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "temperature")
+        config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "sharpen@0.5")
         config.batch_size = 4
     if args.attacks:
         config.attacks = tuple(_known(args.attacks, ATTACKS, "attack"))
     if args.defenses:
-        config.defenses = tuple(_known(args.defenses, DEFENSES, "defense"))
+        config.defenses = tuple(d.strip() for d in args.defenses.split(",") if d.strip())
+    config.defenses = tuple(dict.fromkeys([*config.defenses, *transforms.keys() - {"cmiguard"}]))
+    for name in config.defenses:
+        parse(name)  # a bad name fails before any student trains
     choices = choice_questions(tokenizer, capital_choices("heldout"))
     results = evaluate(
-        teacher, transform, calibration, heldout, tokenizer.pad_token_id, config, out, choices
+        teacher, transforms, calibration, heldout, tokenizer.pad_token_id, config, out, choices
     )
     if args.json:
         print(json.dumps(results))
@@ -387,7 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="training steps per student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attacks", default=None, help="comma-separated subset (default: all)")
-    p.add_argument("--defenses", default=None, help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--defenses",
+        default=None,
+        help="comma-separated family[@knob] (default: no_defense, cmiguard and one point of "
+        "each baseline); families: no_defense, cmiguard, soften, sharpen, top_k, noise",
+    )
+    p.add_argument(
+        "--cmiguard",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a further learned transform, evaluated as defense cmiguard@LABEL (repeatable)",
+    )
+    p.add_argument(
+        "--autocast", action="store_true", help="students in bf16 autocast (faster on CPUs with it)"
+    )
     p.add_argument("--out", default="runs/evaluate", help="a rerun into the same folder resumes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)

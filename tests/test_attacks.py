@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from cmiguard.attack.adaptive import (
+    BlindInverse,
+    fit_blind_inverse,
     fit_linear_inverse,
     fit_temperature,
     floor_truncated,
@@ -141,6 +143,52 @@ def test_fit_linear_inverse_undoes_a_linear_transform_of_the_logits():
     assert err < 0.05 * (serve(new_z) - new_z.log_softmax(-1)).abs().max()
     with pytest.raises(ValueError, match="pairs"):
         fit_linear_inverse(torch.zeros(3, 4), torch.zeros(3, 5))
+
+
+def test_blind_inverse_applies_its_formula():
+    """The returned map is ``log_softmax(s·x + (x A) Bᵀ)`` of the centred rows."""
+    gen = torch.Generator().manual_seed(8)
+    inverse = BlindInverse(2.5, torch.randn(6, 2, generator=gen), torch.randn(6, 2, generator=gen))
+    served = torch.randn(4, 6, generator=gen).log_softmax(-1)
+    x = served - served.mean(-1, keepdim=True)
+    want = (2.5 * x + (x @ inverse.a) @ inverse.b.T).log_softmax(-1)
+    torch.testing.assert_close(inverse(served), want)
+
+
+def test_blind_inverse_finds_a_temperature_and_undoes_a_low_rank_map_blind():
+    """Labels drawn from softmax(z): the raw logits are the calibrated ones, so
+    by ground-truth likelihood alone the attacker recovers a served
+    temperature (as the re-temperer does) and then most of what a low-rank
+    map of the logits changed, which a scale cannot."""
+    gen = torch.Generator().manual_seed(9)
+    v = 30
+    z = torch.randn(6000, v, generator=gen) * 2
+    labels = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
+    soft = fit_blind_inverse((z / 3).log_softmax(-1), labels, rank=2, steps=0)
+    # its first move is the re-temperer's (on 80% of the rows)
+    assert soft.scale == pytest.approx(fit_temperature((z / 3).log_softmax(-1), labels), rel=0.03)
+    assert soft.scale == pytest.approx(3.0, rel=0.08)
+    assert torch.count_nonzero(soft.b) == 0  # steps=0: the identity's low-rank part
+
+    a = torch.randn(v, 1, generator=gen) / v**0.5
+    a = a - a.mean()
+    b = torch.randn(v, 1, generator=gen)
+    served = (z + (z @ a) @ b.T).log_softmax(-1)
+    inverse = fit_blind_inverse(served, labels, rank=1, steps=300, lr=3e-2)
+    new_z = torch.randn(3000, v, generator=gen) * 2  # rows the attacker never fitted on
+    new_labels = torch.multinomial(new_z.softmax(-1), 1, generator=gen).squeeze(1)
+    new_served = (new_z + (new_z @ a) @ b.T).log_softmax(-1)
+
+    def nll(logprobs):
+        return float(F.nll_loss(logprobs, new_labels))
+
+    raw, served_nll = nll(new_z.log_softmax(-1)), nll(new_served)
+    blind = nll(inverse(new_served))
+    retempered = nll(retemper(new_served, fit_temperature(served, labels)))
+    assert blind < retempered - 0.5 * (retempered - raw)  # more than half the way back
+    assert served_nll > retempered > blind >= raw - 0.02
+    with pytest.raises(ValueError, match="two labelled rows"):
+        fit_blind_inverse(served[:1], labels[:1])
 
 
 def test_floor_truncated_keeps_shown_ratios_and_makes_every_divergence_finite():

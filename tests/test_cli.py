@@ -187,18 +187,34 @@ def test_evaluate_on_the_real_teacher_writes_the_report_and_resumes(tmp_path, te
     argv += ["--articles", "2", "--heldout-articles", "1", "--steps", "2", "--json"]
     assert main([*argv, "--attacks", "forward_kl", "--defenses", "no_defense,cmiguard"]) == 0
     first = json.loads(capsys.readouterr().out)
-    more = ["--attacks", "forward_kl,adaptive_retemper", "--defenses", "no_defense,cmiguard,noise"]
+    other = LowRankTransform(model.config.vocab_size, 4, temperature=3.0)
+    save_transform(other, tmp_path / "hot.safetensors", vocab_fingerprint(tokenizer))
+    more = [
+        "--attacks",
+        "forward_kl,adaptive_retemper",
+        "--defenses",
+        "no_defense,cmiguard,noise@1",
+    ]
+    more += ["--cmiguard", f"hot={tmp_path / 'hot.safetensors'}"]
     assert main([*argv, *more]) == 0  # adds cells
     second = json.loads(capsys.readouterr().out)
     assert second["attacks"]["forward_kl"]["cmiguard"] == first["attacks"]["forward_kl"]["cmiguard"]
-    assert list(second["attacks"]["adaptive_retemper"]) == ["no_defense", "cmiguard", "noise"]
+    assert list(second["attacks"]["adaptive_retemper"]) == [
+        "no_defense",
+        "cmiguard",
+        "noise@1",
+        "cmiguard@hot",
+    ]
     # the blind attacker reads the served temperature off the miscalibration
     taus = second["fitted_temperature"]["adaptive_retemper"]
     assert taus["cmiguard"] == pytest.approx(2 * taus["no_defense"], rel=0.05)
-    assert second["teacher_accuracy_purified"] == second["teacher_accuracy_raw"]
+    assert taus["cmiguard@hot"] == pytest.approx(3 * taus["no_defense"], rel=0.05)
+    assert second["teacher_accuracy"]["cmiguard"] == second["teacher_accuracy_raw"]
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="unknown attack wasserstein"):
         main([*argv, "--attacks", "forward_kl,wasserstein"])
+    assert main([*argv, "--defenses", "soften@0.5"]) == 2  # named before any student trains
+    assert "the soften knob must be > 1" in capsys.readouterr().err
 
 
 def test_serve_app_from_the_command_line(tmp_path, teacher):

@@ -5,13 +5,8 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
-from cmiguard.attack.evaluation import (
-    DEFENSES,
-    EvalConfig,
-    defense_fn,
-    evaluate,
-    likelihood_accuracy,
-)
+from cmiguard.attack.defenses import DEFENSES, defense_fn, describe, parse
+from cmiguard.attack.evaluation import EvalConfig, evaluate, likelihood_accuracy
 from cmiguard.attack.report import (
     accuracy_noise,
     evaluation_table,
@@ -33,6 +28,7 @@ def run_config() -> EvalConfig:
             "top5",
             "hard_label",
             "adaptive_retemper",
+            "adaptive_blind_inverse",
             "adaptive_linear",
         ),
         student_layers=1,
@@ -58,7 +54,8 @@ def run(transform, out=None, config=None):
     teacher = tiny_model(96, seed=0)
     config = config or run_config()
     calibration, heldout = tiny_examples(8), tiny_examples(3, seed=9)
-    return evaluate(teacher, transform, calibration, heldout, 0, config, out, tiny_questions())
+    transforms = {"cmiguard": transform}
+    return evaluate(teacher, transforms, calibration, heldout, 0, config, out, tiny_questions())
 
 
 def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
@@ -71,8 +68,13 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
         assert list(row) == list(DEFENSES)
         assert all(0.0 <= v <= 1.0 for v in row.values())  # finite: truncation is floored
     assert set(first["fitted_temperature"]["adaptive_retemper"]) == set(DEFENSES)
-    assert list(first["likelihood_accuracy"]) == ["no_defense", *DEFENSES[1:]]
-    assert first["teacher_accuracy_purified"] == first["teacher_accuracy_raw"]  # τ keeps the argmax
+    # the blind inverse's fitted scale is reported beside the re-temperer's τ
+    assert set(first["fitted_temperature"]["adaptive_blind_inverse"]) == set(DEFENSES)
+    assert list(first["likelihood_accuracy"]) == list(DEFENSES)
+    assert first["defense_specs"]["top_k@5"] == "top_k@5"
+    assert first["defense_specs"]["cmiguard"].startswith("cmiguard ")
+    # τ keeps the argmax
+    assert first["teacher_accuracy"]["cmiguard"] == first["teacher_accuracy_raw"]
     assert first["cmi"]["cmiguard"] < first["cmi"]["no_defense"]
     # the transform here is a pure temperature: re-tempering gives the raw CMI back
     assert first["cmi_retempered"]["cmiguard"] == pytest.approx(
@@ -81,7 +83,7 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
     assert first["cmi_retempered"]["cmiguard"] > 1.5 * first["cmi"]["cmiguard"]
     # the hard-label attacker on the raw teacher is the forward-KL attacker on top-1 outputs
     for key in ("attacks", "perplexity"):
-        assert first[key]["hard_label"]["no_defense"] == first[key]["forward_kl"]["top1_only"]
+        assert first[key]["hard_label"]["no_defense"] == first[key]["forward_kl"]["top_k@1"]
     assert (
         first["perplexity"]["hard_label"]["cmiguard"]
         != first["perplexity"]["forward_kl"]["cmiguard"]
@@ -125,21 +127,47 @@ def test_likelihood_accuracy_is_the_summed_log_prob_argmax():
 
 def test_defenses_hand_out_log_probabilities():
     z = torch.randn(5, 40) * 3
-    for name in DEFENSES:
-        lp = defense_fn(name, LowRankTransform(40, 2, temperature=3.0), EvalConfig())(z)
+    transforms = {"cmiguard": LowRankTransform(40, 2, temperature=3.0)}
+    for name in (*DEFENSES, "soften@10", "top_k@20", "noise@1"):
+        lp = defense_fn(name, transforms)(z)
         torch.testing.assert_close(lp.exp().sum(-1), torch.ones(5))
-    top1 = defense_fn("top1_only", LowRankTransform(40, 2), EvalConfig())(z)
+    top1 = defense_fn("top_k@1", {})(z)
     assert torch.equal(top1.argmax(-1), z.argmax(-1)) and torch.isfinite(top1).sum() == 5
-    # soften is cmiguard without its learned map: equal while the map is the identity
-    fresh = LowRankTransform(40, 2, temperature=3.0)
-    soft = defense_fn("soften", fresh, EvalConfig())(z)
+    # soften@τ is cmiguard without its learned map: equal while the map is the identity
+    fresh = transforms["cmiguard"]
+    soft = defense_fn("soften@3", {})(z)
     torch.testing.assert_close(soft, torch.log_softmax(z / 3.0, -1))
-    torch.testing.assert_close(soft, defense_fn("cmiguard", fresh, EvalConfig())(z))
+    torch.testing.assert_close(soft, defense_fn("cmiguard", transforms)(z))
+    torch.testing.assert_close(defense_fn("sharpen@0.5", {})(z), torch.log_softmax(2 * z, -1))
     with torch.no_grad():
         fresh.b.normal_()
-    assert not torch.allclose(soft, defense_fn("cmiguard", fresh, EvalConfig())(z), atol=1e-2)
-    with pytest.raises(ValueError, match="unknown defense"):
-        defense_fn("encryption", LowRankTransform(40, 2), EvalConfig())
+    assert not torch.allclose(soft, defense_fn("cmiguard", transforms)(z), atol=1e-2)
+    noisy = defense_fn("noise@0.25", {}, seed=3)(z)
+    assert torch.equal(noisy, defense_fn("noise@0.25", {}, seed=3)(z))
+    assert float((noisy - torch.log_softmax(z, -1)).std()) == pytest.approx(0.25, rel=0.3)
+
+
+def test_defense_names_are_checked():
+    assert parse("top_k@20") == ("top_k", 20.0) and parse("cmiguard@step40") == (
+        "cmiguard",
+        "step40",
+    )
+    assert parse("sharpen@0.5") == ("sharpen", 0.5)
+    for bad, match in [
+        ("encryption", "unknown defense"),
+        ("top1_only", "unknown defense"),
+        ("soften@0.5", "must be > 1"),
+        ("top_k@2.5", "an integer"),
+        ("noise@big", "needs a number"),
+        ("no_defense@1", "takes no knob"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse(bad)
+    with pytest.raises(ValueError, match="needs its transform"):
+        defense_fn("cmiguard@late", {"cmiguard": LowRankTransform(40, 2)})
+    one, other = LowRankTransform(40, 2), LowRankTransform(40, 2)
+    assert describe("cmiguard", {"cmiguard": one}) != describe("cmiguard", {"cmiguard": other})
+    assert describe("noise@0.50", {}) == "noise@0.5"
 
 
 def test_gap_closed():
@@ -180,7 +208,6 @@ def test_tables_stay_rectangular_while_only_the_raw_column_is_done():
             "floor_perplexity": {"sft": 90.0, "top1": 900.0},
             "cmi": dict.fromkeys(defenses, 1.0),
             "teacher_accuracy_raw": 0.4,
-            "teacher_accuracy_purified": 0.4,
         }
         tables, current = [], []
         for line in evaluation_table(results).splitlines() + [""]:
@@ -202,7 +229,6 @@ def test_side_by_side_puts_other_runs_defenses_against_the_base_raw_students():
             "top1_student": 0.15,
             "floor_perplexity": {"sft": 90.0, "top1": 900.0},
             "teacher_accuracy_raw": 0.4,
-            "teacher_accuracy_purified": 0.4,
             "attacks": {"forward_kl": columns, "kd_t2": {d: v - 0.01 for d, v in columns.items()}},
             "perplexity": {"forward_kl": dict.fromkeys(columns, 50.0)},
             "cmi": {d: v * 10 for d, v in columns.items()},
@@ -278,9 +304,9 @@ def test_a_stopped_evaluation_resumes_to_the_same_numbers(tmp_path):
     transform = LowRankTransform(96, 4, temperature=2.0)
     whole = run(transform)
     first = run_config()
-    first.attacks, first.defenses = ("top5", "forward_kl"), ("noise", "no_defense")
+    first.attacks, first.defenses = ("top5", "forward_kl"), ("noise@0.5", "no_defense")
     part = run(transform, tmp_path, first)
-    assert set(part["attacks"]["top5"]) == {"noise", "no_defense"}
+    assert set(part["attacks"]["top5"]) == {"noise@0.5", "no_defense"}
     resumed = run(transform, tmp_path)
     assert resumed["seconds"] > part["seconds"]
     for key in ("attacks", "perplexity", "fitted_temperature", "cmi", "teacher_accuracy"):
@@ -294,18 +320,18 @@ def test_a_run_over_another_subset_keeps_the_earlier_cells(tmp_path):
     transform = LowRankTransform(96, 4, temperature=2.0)
     config = run_config()
     config.attacks = ("forward_kl", "reverse_kl")
-    config.defenses = ("no_defense", "top5_truncation")
+    config.defenses = ("no_defense", "top_k@5")
     first = run(transform, tmp_path, config)
-    config.attacks, config.defenses = ("top5", "forward_kl"), ("temperature",)
+    config.attacks, config.defenses = ("top5", "forward_kl"), ("sharpen@0.5",)
     second = run(transform, tmp_path, config)
     on_disk = json.loads((tmp_path / "evaluation.json").read_text())
     for key in ("attacks", "perplexity"):
         assert list(on_disk[key]) == ["forward_kl", "reverse_kl", "top5"]  # ATTACKS' order
-        assert list(on_disk[key]["forward_kl"]) == ["no_defense", "temperature", "top5_truncation"]
+        assert list(on_disk[key]["forward_kl"]) == ["no_defense", "sharpen@0.5", "top_k@5"]
         assert on_disk[key]["reverse_kl"] == first[key]["reverse_kl"]
-        assert on_disk[key]["forward_kl"]["temperature"] == second[key]["forward_kl"]["temperature"]
-    for key in ("teacher_accuracy", "cmi", "cmi_retempered"):  # DEFENSES' order
-        assert list(on_disk[key]) == ["no_defense", "cmiguard", "temperature", "top5_truncation"]
+        assert on_disk[key]["forward_kl"]["sharpen@0.5"] == second[key]["forward_kl"]["sharpen@0.5"]
+    for key in ("teacher_accuracy", "cmi", "cmi_retempered"):  # the default grid's order
+        assert list(on_disk[key]) == ["no_defense", "sharpen@0.5", "top_k@5"]
 
 
 def test_resume_refuses_another_config_or_a_broken_file(tmp_path):
@@ -316,8 +342,11 @@ def test_resume_refuses_another_config_or_a_broken_file(tmp_path):
     config.steps = 4
     with pytest.raises(ValueError, match="different config"):
         run(transform, tmp_path, config)
-    with pytest.raises(ValueError, match="different transform_temperature"):
-        run(LowRankTransform(96, 4, temperature=3.0), tmp_path)
+    config.steps = 3
+    config.defenses = ("cmiguard",)
+    run(transform, tmp_path, config)
+    with pytest.raises(ValueError, match="evaluated another 'cmiguard'"):
+        run(LowRankTransform(96, 4, temperature=3.0), tmp_path, config)
     state = tmp_path / "evaluation.json"
     state.write_text(state.read_text()[:50])
     with pytest.raises(ValueError, match="not a readable evaluation"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cmiguard import LowRankTransform
-from cmiguard.attack.evaluation import EvalConfig, defense_fn
+from cmiguard.attack.defenses import defense_fn
 from cmiguard.serve.engine import Engine, Job, Penalties
 from cmiguard.serve.protocol import ApiError
 from cmiguard.serve.server import ServerConfig, create_app
@@ -389,7 +389,7 @@ def test_echo_serves_what_the_evaluation_attacker_distils_from(teacher):
         served = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1]
-        target = defense_fn("cmiguard", transform, EvalConfig())(logits)
+        target = defense_fn("cmiguard", {"cmiguard": transform})(logits)
     nxt = torch.tensor(ids[1:])[:, None]
     assert served["token_logprobs"][1:] == pytest.approx(target.gather(1, nxt)[:, 0], abs=1e-4)
     assert (target.argmax(-1) != logits.argmax(-1)).any()  # the learned part moves answers

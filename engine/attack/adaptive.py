@@ -4,7 +4,9 @@ hides, or fit an inverse of a linear transform."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,3 +87,66 @@ def fit_linear_inverse(
         return torch.log_softmax(a * new + (new @ x.T) @ weights, dim=-1)
 
     return invert
+
+
+@dataclass
+class BlindInverse:
+    """``M(x) = s·x + (x A) Bᵀ`` on centred served log-probs ``x``: the map the
+    blind inverse attacker distils through (:func:`fit_blind_inverse`)."""
+
+    scale: float
+    a: Tensor  # [V, r]
+    b: Tensor  # [V, r]
+
+    def __call__(self, logprobs: Tensor) -> Tensor:
+        x = _centered(logprobs)
+        return torch.log_softmax(self.scale * x + (x @ self.a) @ self.b.T, dim=-1)
+
+
+def fit_blind_inverse(
+    seen: Tensor,
+    labels: Tensor,
+    rank: int = 32,
+    steps: int = 100,
+    lr: float = 1e-3,
+    holdout: float = 0.2,
+    seed: int = 0,
+) -> BlindInverse:
+    """The attacker who knows the defense is a low-rank affine map of the
+    logits but not its parameters, and never sees raw logits: on its own
+    queries (served log-probs ``seen`` ``[n, V]`` and their ground-truth
+    ``labels``) it fits :class:`BlindInverse` by ground-truth NLL. First the
+    scale alone (:func:`fit_temperature`, so it is never weaker than the
+    re-temperer), then from there and the identity (``B = 0``,
+    ``A ~ N(0, 1/V)``) full-batch Adam on all three, keeping the step with the
+    lowest NLL on a ``holdout`` share of its rows (a rank-``r`` map over 49k
+    tokens fits a thousand rows easily)."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = rows[torch.isfinite(seen[rows, labels[rows]])]
+    if rows.numel() < 2:
+        raise ValueError("fit_blind_inverse needs two labelled rows with a finite log-prob")
+    gen = torch.Generator().manual_seed(seed)
+    rows = rows[torch.randperm(rows.numel(), generator=gen)]
+    cut = max(1, int(rows.numel() * holdout))
+    held, fit = rows[:cut], rows[cut:]
+    x = _centered(seen)
+    v = x.shape[1]
+    log_s = torch.tensor(math.log(fit_temperature(seen[fit], labels[fit])), requires_grad=True)
+    a = (torch.randn(v, rank, generator=gen) / v**0.5).requires_grad_(True)
+    b = torch.zeros(v, rank, requires_grad=True)
+    optimizer = torch.optim.Adam([log_s, a, b], lr=lr)
+
+    def nll(idx: Tensor) -> Tensor:
+        xi = x[idx]
+        return F.cross_entropy(log_s.exp() * xi + (xi @ a) @ b.T, labels[idx])
+
+    best = (float("inf"), 1.0, a.detach().clone(), b.detach().clone())
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            score = float(nll(held))
+            if score < best[0]:
+                best = (score, float(log_s.exp()), a.detach().clone(), b.detach().clone())
+        optimizer.zero_grad(set_to_none=True)
+        nll(fit).backward()
+        optimizer.step()
+    return BlindInverse(best[1], best[2], best[3])

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,14 +24,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cmiguard.attack.adaptive import (
+    fit_blind_inverse,
     fit_linear_inverse,
     fit_temperature,
     floor_truncated,
     retemper,
 )
+from cmiguard.attack.defenses import DEFENSES, defense_fn, describe, keep_top
 from cmiguard.attack.losses import DIVERGENCES, distillation_loss
 from cmiguard.kernels.reference import IGNORE_INDEX
-from cmiguard.purify import cmi, purify
+from cmiguard.purify import cmi
 from cmiguard.train.data import ChoiceQuestion, Example, batches, collate
 from cmiguard.train.models import logits_rows, truncated_copy
 from cmiguard.transforms import LogitTransform
@@ -44,20 +46,12 @@ ATTACKS |= {
     # distil from the argmax of whatever is served: what any API leaks, even text
     "hard_label": {"attack": "forward_kl", "hard_label": True},
     "adaptive_retemper": {"attack": "forward_kl", "adaptive": "retemper"},
+    # knows the family (a low-rank affine map), not its parameters; never sees raw logits
+    "adaptive_blind_inverse": {"attack": "forward_kl", "adaptive": "blind_inverse"},
+    # oracle (served, raw) pairs: an upper bound on inverting, not a realistic attacker
     "adaptive_linear": {"attack": "forward_kl", "adaptive": "linear"},
 }
 QUICK_ATTACKS = ("forward_kl", "reverse_kl", "top5")
-# soften: cmiguard's own serving temperature without its learned map, the
-# control that says what the learned part adds
-DEFENSES = (
-    "no_defense",
-    "cmiguard",
-    "soften",
-    "temperature",
-    "top1_only",
-    "top5_truncation",
-    "noise",
-)
 
 
 @dataclass
@@ -71,13 +65,16 @@ class EvalConfig:
     batch_size: int = 8
     lr: float = 5e-4
     alpha: float = 0.5
-    sharpen_temperature: float = 0.5
-    noise_std: float = 0.5
     # the adaptive attackers fit on this many of their training batches
     oracle_batches: int = 2
+    # the blind inverse attacker's guess of the transform's rank
+    inverse_rank: int = 32
     seed: int = 0
     # torch.compile the loss: 3-7x faster on CPU over a 49k vocabulary, ~15 s to compile
     compile_loss: bool = True
+    # students in bf16 autocast (fp32 weights and loss): 1.7x faster on a CPU with
+    # AVX512-BF16; a run is all one or all the other (it is part of the key)
+    autocast: bool = False
     progress: bool = True
 
     def key(self) -> dict:
@@ -85,37 +82,6 @@ class EvalConfig:
         number (cells are independent, so attacks and defenses can be added)."""
         skip = ("attacks", "defenses", "progress")
         return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
-def defense_fn(
-    name: str, transform: LogitTransform, config: EvalConfig
-) -> Callable[[Tensor], Tensor]:
-    """What the attacker receives for teacher logits ``z``: log-probs ``[n, V]``."""
-    if name == "no_defense":
-        return lambda z: torch.log_softmax(z.float(), -1)
-    if name == "cmiguard":
-        return lambda z: purify(z, transform, output="logprobs")
-    if name == "soften":
-        return lambda z: torch.log_softmax(z.float() / transform.temperature, -1)
-    if name == "temperature":
-        return lambda z: torch.log_softmax(z.float() / config.sharpen_temperature, -1)
-    if name == "top1_only":
-        return lambda z: _keep_top(z, 1)
-    if name == "top5_truncation":
-        return lambda z: _keep_top(z, 5)
-    if name == "noise":
-        gen = torch.Generator().manual_seed(config.seed)
-        return lambda z: torch.log_softmax(
-            z.float() + config.noise_std * torch.randn(z.shape, generator=gen).to(z.device), -1
-        )
-    raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
-
-
-def _keep_top(z: Tensor, k: int) -> Tensor:
-    """Log-probs renormalised over the top ``k`` tokens, ``-inf`` elsewhere."""
-    values, ids = z.float().topk(k, dim=-1)
-    out = torch.full(z.shape, float("-inf"), device=z.device)
-    return out.scatter_(1, ids, values - values.logsumexp(-1, keepdim=True))
 
 
 @dataclass
@@ -152,17 +118,21 @@ def attacker_view(
     """What the attacker distils from: the defended log-probs after its adaptive
     step (fitted on its first ``oracle_batches`` batches) or reduced to its
     argmax (``hard_label``), truncated outputs floored so every divergence
-    stays finite. Also the fitted temperature."""
+    stays finite. Also the fitted temperature (the blind inverse's scale)."""
     if spec.get("hard_label"):
-        return lambda z: floor_truncated(_keep_top(defend(z), 1)), None
+        return lambda z: floor_truncated(keep_top(defend(z), 1)), None
     fit = cached[: config.oracle_batches]
     adaptive = spec.get("adaptive")
     if adaptive is None:
         return lambda z: floor_truncated(defend(z)), None
     seen = torch.cat([defend(b.teacher_logits.float()) for b in fit])
+    labels = torch.cat([b.labels for b in fit])
     if adaptive == "retemper":
-        tau = fit_temperature(seen, torch.cat([b.labels for b in fit]))
+        tau = fit_temperature(seen, labels)
         return lambda z: floor_truncated(retemper(defend(z), tau)), tau
+    if adaptive == "blind_inverse":
+        blind = fit_blind_inverse(seen, labels, config.inverse_rank, seed=config.seed)
+        return lambda z: floor_truncated(blind(defend(z))), blind.scale
     raw = torch.cat([b.teacher_logits.float() for b in fit])
     invert = fit_linear_inverse(seen, raw)
     return lambda z: floor_truncated(invert(defend(z))), None
@@ -189,7 +159,8 @@ def train_student(
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
     for step in tqdm(range(config.steps), desc=desc, disable=not config.progress, leave=False):
         b = cached[step % len(cached)]
-        s = logits_rows(student, b.input_ids, b.attention_mask, b.rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
+            s = logits_rows(student, b.input_ids, b.attention_mask, b.rows)
         labels = b.teacher_logits.float().argmax(-1) if hard_labels else b.labels
         if target is None:
             loss = torch.nn.functional.cross_entropy(s.float(), labels, ignore_index=IGNORE_INDEX)
@@ -231,7 +202,7 @@ def score(
 
 def evaluate(
     teacher: nn.Module,
-    transform: LogitTransform,
+    transforms: Mapping[str, LogitTransform],
     calibration: Sequence[Example],
     heldout: Sequence[Example],
     pad: int,
@@ -241,8 +212,10 @@ def evaluate(
 ) -> dict:
     """Students per (attack, defense), the SFT floor, the top-1 student and the teacher.
 
-    With ``choices`` each defense's teacher is also scored as a log-likelihood
-    client (lm-evaluation-harness) scores it: ``likelihood_accuracy``.
+    ``transforms`` holds the learned defenses by name (``cmiguard``,
+    ``cmiguard@label``: see :mod:`cmiguard.attack.defenses`). With ``choices``
+    each defense's teacher is also scored as a log-likelihood client
+    (lm-evaluation-harness) scores it: ``likelihood_accuracy``.
 
     With ``out``, the report (``evaluation.{json,md,png}``) is rewritten after
     every student, and a rerun into the same folder with the same config picks
@@ -253,7 +226,8 @@ def evaluate(
 
     start = time.perf_counter()
     data = {"calibration_examples": len(calibration), "heldout_examples": len(heldout)}
-    results = _resume(out, config, transform, data)
+    specs = {d: describe(d, transforms) for d in config.defenses}
+    results = _resume(out, config, specs, data)
     results["heldout_tokens"] = sum(len(e.labels) for e in heldout)
     spent = results["seconds"]
     cached = cache_teacher(teacher, calibration, pad, config)
@@ -262,16 +236,18 @@ def evaluate(
     # the likelihood column only where there are questions to score
     per_defense = tuple(k for k in PER_DEFENSE if choices or k != "likelihood_accuracy")
 
+    order = list(dict.fromkeys(["no_defense", *config.defenses, *DEFENSES]))
+
     def save() -> None:
-        """Write the report, every table in the registries' order."""
+        """Write the report, every table in the configured order."""
         results["seconds"] = spent + time.perf_counter() - start
         for key in ("attacks", "perplexity", "fitted_temperature"):
             results[key] = {
-                a: {d: results[key][a][d] for d in _ordered(results[key][a], DEFENSES)}
+                a: {d: results[key][a][d] for d in _ordered(results[key][a], order)}
                 for a in _ordered(results[key], list(ATTACKS))
             }
         for key in per_defense:
-            results[key] = {d: results[key][d] for d in _ordered(results[key], DEFENSES)}
+            results[key] = {d: results[key][d] for d in _ordered(results[key], order)}
         if out is not None:
             write_evaluation(results, out)
 
@@ -287,14 +263,15 @@ def evaluate(
         results["top1_student"] = top1["accuracy"]
         results["floor_perplexity"] = {"sft": floor["perplexity"], "top1": top1["perplexity"]}
     if any(not set(config.defenses) <= set(results.get(k, {})) for k in per_defense):
-        new = _teacher_and_cmi(teacher, transform, cached, heldout, pad, config, choices)
+        new = _teacher_and_cmi(teacher, transforms, cached, heldout, pad, config, choices)
         results |= new | {k: results.get(k, {}) | new[k] for k in per_defense}
     cells = [(d, a) for d in config.defenses for a in config.attacks]
     done = {(d, a) for a, row in results["attacks"].items() for d in row}
     for d, a in tqdm(
         [cell for cell in cells if cell not in done], desc="students", disable=not config.progress
     ):
-        view, tau = attacker_view(defense_fn(d, transform, config), ATTACKS[a], cached, config)
+        defend = defense_fn(d, transforms, config.seed)
+        view, tau = attacker_view(defend, ATTACKS[a], cached, config)
         student = train_student(template, cached, view, ATTACKS[a], config, desc=f"{a}/{d}")
         s = score(student, heldout, pad)
         results["attacks"].setdefault(a, {})[d] = s["accuracy"]
@@ -313,11 +290,13 @@ def _ordered(names: Sequence[str], order: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: rank.get(n, len(rank)))
 
 
-def _resume(out: Path | None, config: EvalConfig, transform: LogitTransform, data: dict) -> dict:
+def _resume(out: Path | None, config: EvalConfig, specs: dict[str, str], data: dict) -> dict:
+    """The results so far in ``out`` (or fresh ones), refusing a folder whose
+    run had other settings or another transform under one of these names."""
     fresh = {
         "seconds": 0.0,
         "config": config.key() | data,
-        "transform_temperature": float(transform.temperature),
+        "defense_specs": specs,
         "attacks": {},
         "perplexity": {},
         "fitted_temperature": {},
@@ -329,18 +308,24 @@ def _resume(out: Path | None, config: EvalConfig, transform: LogitTransform, dat
         old = json.loads(state.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{state} is not a readable evaluation ({err}); delete it") from err
-    for key in ("config", "transform_temperature"):
-        if old.get(key) != fresh[key]:
+    if old.get("config") != fresh["config"]:
+        raise ValueError(
+            f"{state} holds a run with a different config ({old.get('config')} vs "
+            f"{fresh['config']}); delete it or choose another output folder"
+        )
+    known = old.setdefault("defense_specs", {})
+    for name, spec in specs.items():
+        if known.setdefault(name, spec) != spec:
             raise ValueError(
-                f"{state} holds a run with a different {key} ({old.get(key)} vs {fresh[key]}); "
-                "delete it or choose another output folder"
+                f"{state} evaluated another {name!r} ({known[name]}, now {spec}): give the new "
+                "one another name (cmiguard@label) or choose another output folder"
             )
     return old
 
 
 def _teacher_and_cmi(
     teacher: nn.Module,
-    transform: LogitTransform,
+    transforms: Mapping[str, LogitTransform],
     cached: list[CachedBatch],
     heldout: Sequence[Example],
     pad: int,
@@ -352,8 +337,8 @@ def _teacher_and_cmi(
     served, and as the ``adaptive_retemper`` attacker sees it (CMI falls as the
     temperature rises, so a served temperature lowers it without hiding
     anything); with ``choices``, the :func:`likelihood_accuracy`."""
-    names = dict.fromkeys(["no_defense", "cmiguard", *config.defenses])
-    fns = {d: defense_fn(d, transform, config) for d in names}
+    names = dict.fromkeys(["no_defense", *config.defenses])
+    fns = {d: defense_fn(d, transforms, config.seed) for d in names}
     correct = dict.fromkeys(fns, 0)
     total = 0
     with torch.no_grad():
@@ -367,7 +352,7 @@ def _teacher_and_cmi(
     labels = torch.cat([b.labels for b in sample])
     served_cmi, retempered_cmi = {}, {}
     for d in names:
-        fn = defense_fn(d, transform, config)  # fresh noise
+        fn = defense_fn(d, transforms, config.seed)  # fresh noise
         served_cmi[d] = float(
             cmi(torch.cat([fn(b.teacher_logits.float()) for b in sample]), labels)
         )
@@ -377,7 +362,6 @@ def _teacher_and_cmi(
     out = {
         "teacher_accuracy": accuracy,
         "teacher_accuracy_raw": accuracy["no_defense"],
-        "teacher_accuracy_purified": accuracy["cmiguard"],
         "cmi": served_cmi,
         "cmi_retempered": retempered_cmi,
     }

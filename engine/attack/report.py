@@ -109,8 +109,8 @@ def evaluation_table(results: dict) -> str:
         f"SFT-only floor: {floor:.4f} (perplexity {results['floor_perplexity']['sft']:.0f}); "
         f"top-1 student: {results['top1_student']:.4f} "
         f"(perplexity {results['floor_perplexity']['top1']:.0f}); "
-        f"teacher: {results['teacher_accuracy_raw']:.4f} raw, "
-        f"{results['teacher_accuracy_purified']:.4f} purified (held-out next-token accuracy).",
+        f"teacher: {results['teacher_accuracy_raw']:.4f} raw (held-out next-token accuracy; "
+        "each defense's is in the table above).",
     ]
     if likelihood:
         lines.append(
@@ -118,8 +118,9 @@ def evaluation_table(results: dict) -> str:
             "summed served log-probs, as lm-evaluation-harness scores them."
         )
     for attack, taus in results.get("fitted_temperature", {}).items():
+        what = "scale" if attack == "adaptive_blind_inverse" else "τ"
         lines.append(
-            f"{attack}: fitted τ " + ", ".join(f"{d} {t:.2f}" for d, t in taus.items()) + "."
+            f"{attack}: fitted {what} " + ", ".join(f"{d} {t:.2f}" for d, t in taus.items()) + "."
         )
     if "seconds" in results:
         lines.append(f"Run time: {results['seconds'] / 60:.1f} min.")
@@ -135,7 +136,6 @@ SHARED = (
     "floor_perplexity",
     "top1_student",
     "teacher_accuracy_raw",
-    "teacher_accuracy_purified",
 )
 
 

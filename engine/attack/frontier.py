@@ -1,0 +1,323 @@
+"""The plane a defense is judged on (docs/DESIGN.md, "Judging a defense").
+
+x = honest users' log-likelihood accuracy; y = the gap closed under the
+strongest of several attackers, against the SFT floor and against the top-1
+student (for a defense that keeps the argmax the reachable floor). Every
+defense is a point, a family (temperature, top-k, noise, cmiguard over its
+training trajectory) a curve over its knob. The numbers come from
+:func:`cmiguard.attack.evaluation.evaluate` runs, one per seed, of the same
+data and students.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from cmiguard.attack.defenses import parse
+from cmiguard.attack.evaluation import EvalConfig, evaluate
+from cmiguard.attack.report import gap_closed
+from cmiguard.train.data import ChoiceQuestion, Example
+from cmiguard.transforms import LogitTransform
+
+# the strongest of these decides a point's y: two naive losses and the two
+# adaptive attackers that never see raw logits
+FRONTIER_ATTACKS = ("forward_kl", "reverse_kl", "adaptive_retemper", "adaptive_blind_inverse")
+FLOORS = ("sft", "top1")
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _sd(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) -> dict:
+    """One point per defense the runs share (every attack, every seed), with
+    everything a gap is computed from: per attack and seed the student's
+    accuracy and perplexity, and per seed both floors."""
+    if not runs:
+        raise ValueError("frontier needs at least one evaluation run")
+    base = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
+    for run in runs:
+        if {k: v for k, v in run["config"].items() if k != "seed"} != base:
+            raise ValueError("every run must share the data and students; only seeds differ")
+    seeds = [str(run["config"]["seed"]) for run in runs]
+    floors = {
+        seed: {
+            "sft": run["hard_label_floor"],
+            "top1": run["top1_student"],
+            "sft_perplexity": run["floor_perplexity"]["sft"],
+            "top1_perplexity": run["floor_perplexity"]["top1"],
+        }
+        for seed, run in zip(seeds, runs, strict=True)
+    }
+    defenses = [
+        d
+        for d in runs[0]["attacks"].get(attacks[0], {})
+        if all(d in run["attacks"].get(a, {}) for run in runs for a in attacks)
+    ]
+    if "no_defense" not in defenses:
+        return {"seeds": seeds, "attacks": list(attacks), "floors": floors, "points": []}
+
+    def students(defense: str) -> dict:
+        return {
+            a: {
+                seed: {
+                    "accuracy": run["attacks"][a][defense],
+                    "perplexity": run["perplexity"][a][defense],
+                }
+                for seed, run in zip(seeds, runs, strict=True)
+            }
+            for a in attacks
+        }
+
+    raw = students("no_defense")
+    points = []
+    for d in defenses:
+        family, knob = parse(d)
+        cells = students(d)
+        gaps = {
+            floor: {
+                a: {
+                    seed: gap_closed(
+                        raw[a][seed]["accuracy"], cells[a][seed]["accuracy"], floors[seed][floor]
+                    )
+                    for seed in seeds
+                }
+                for a in attacks
+            }
+            for floor in FLOORS
+        }
+        mean_gaps = {f: {a: _mean(list(g[a].values())) for a in attacks} for f, g in gaps.items()}
+        strongest = {
+            f: min(attacks, key=lambda a, f=f: mean_gaps[f][a]) for f in FLOORS
+        }  # the attacker the defense stops least
+        per_defense = {
+            key: _mean([run[key][d] for run in runs if d in run.get(key, {})])
+            for key in ("likelihood_accuracy", "teacher_accuracy", "cmi", "cmi_retempered")
+        }
+        points.append(
+            {
+                "defense": d,
+                "family": family,
+                "knob": knob,
+                **per_defense,
+                "students": cells,
+                "gap_closed": gaps,
+                "mean_gap_closed": mean_gaps,
+                "strongest_attack": strongest,
+                "y": {f: mean_gaps[f][strongest[f]] for f in FLOORS},
+                "y_sd": {f: _sd(list(gaps[f][strongest[f]].values())) for f in FLOORS},
+            }
+        )
+    return {"seeds": seeds, "attacks": list(attacks), "floors": floors, "points": points}
+
+
+def curves(front: dict) -> dict[str, list[dict]]:
+    """Each family's points in knob order (cmiguard: the order given), every
+    baseline curve starting at the raw teacher (each knob's identity end)."""
+    raw = [p for p in front["points"] if p["family"] == "no_defense"]
+    out: dict[str, list[dict]] = {}
+    for p in front["points"]:
+        if p["family"] != "no_defense":
+            out.setdefault(p["family"], []).append(p)
+    for family, members in out.items():
+        if family == "cmiguard":
+            continue
+        # soften/top_k/noise move away from the raw teacher as τ, 1/k and σ grow
+        key = {"top_k": lambda p: -p["knob"]}.get(family, lambda p: p["knob"])
+        out[family] = [*raw, *sorted(members, key=key)]
+    return out
+
+
+def _curve_at(curve: list[dict], x: float, floor: str) -> float | None:
+    """The baseline curve's y at users' accuracy ``x`` (linear between its
+    points in x), or None where the curve does not reach ``x``."""
+    xy = sorted((p["likelihood_accuracy"], p["y"][floor]) for p in curve)
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def verdicts(front: dict) -> list[dict]:
+    """For each cmiguard point and floor: each baseline curve's y at its x and
+    whether the point lies above it, and whether any baseline point dominates
+    it (as much utility and as large a gap closed)."""
+    families = curves(front)
+    baselines = {f: c for f, c in families.items() if f != "cmiguard"}
+    out = []
+    for p in families.get("cmiguard", []):
+        for floor in FLOORS:
+            x, y = p["likelihood_accuracy"], p["y"][floor]
+            at = {f: _curve_at(c, x, floor) for f, c in baselines.items()}
+            dominated = [
+                q["defense"]
+                for c in baselines.values()
+                for q in c
+                if q["likelihood_accuracy"] >= x and q["y"][floor] >= y
+            ]
+            above = all(v is not None and y > v for v in at.values()) and not dominated
+            out.append(
+                {
+                    "defense": p["defense"],
+                    "floor": floor,
+                    "x": x,
+                    "y": y,
+                    "curves": at,
+                    "dominated_by": sorted(set(dominated)),
+                    "above_every_baseline": above,
+                }
+            )
+    return out
+
+
+def _cell(value: float | None, fmt: str = ".2f") -> str:
+    return (
+        "—"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, fmt)
+    )
+
+
+def frontier_table(front: dict) -> str:
+    """Markdown: one row per point, then the verdict per cmiguard point."""
+    lines = [
+        f"Seeds: {', '.join(front['seeds'])}; attacks: {', '.join(front['attacks'])}. "
+        "y = mean gap closed over seeds under the strongest attack (± sd over seeds).",
+        "",
+        "| defense | users' log-lik. acc. | teacher acc. | CMI served / re-tempered | "
+        "y vs SFT floor | strongest | y vs top-1 floor | strongest |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in front["points"]:
+        ys = [
+            f"{_cell(p['y'][f])} ± {_cell(p['y_sd'][f])} | {p['strongest_attack'][f]}"
+            for f in FLOORS
+        ]
+        lines.append(
+            f"| {p['defense']} | {_cell(p['likelihood_accuracy'], '.3f')} | "
+            f"{_cell(p['teacher_accuracy'], '.4f')} | {_cell(p['cmi'], '.3f')} / "
+            f"{_cell(p['cmi_retempered'], '.3f')} | {ys[0]} | {ys[1]} |"
+        )
+    lines += [
+        "",
+        "Gap closed per attack (mean over seeds), vs the SFT floor / the top-1 student:",
+        "",
+    ]
+    lines += ["| defense | " + " | ".join(front["attacks"]) + " |"]
+    lines += ["|---|" + "---|" * len(front["attacks"])]
+    for p in front["points"]:
+        cells = [
+            f"{_cell(p['mean_gap_closed']['sft'][a])} / {_cell(p['mean_gap_closed']['top1'][a])}"
+            for a in front["attacks"]
+        ]
+        lines.append(f"| {p['defense']} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | SFT floor | top-1 student |", "|---|---|---|"]
+    for seed, f in front["floors"].items():
+        lines.append(f"| {seed} | {f['sft']:.4f} | {f['top1']:.4f} |")
+    checks = verdicts(front)
+    if checks:
+        lines += [
+            "",
+            "Is a cmiguard point above every baseline curve (at its own users' accuracy)?",
+            "",
+            "| point | floor | x | y | baseline curves' y at x | dominated by | above all |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in checks:
+            at = ", ".join(f"{f} {_cell(v)}" for f, v in c["curves"].items())
+            by = ", ".join(c["dominated_by"]) or "—"
+            above = "yes" if c["above_every_baseline"] else "no"
+            lines.append(
+                f"| {c['defense']} | {c['floor']} | {c['x']:.3f} | {_cell(c['y'])} | {at} | "
+                f"{by} | {above} |"
+            )
+    return "\n".join(lines)
+
+
+def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None:
+    """``frontier.{json,md,png}`` under ``out``: the points, the table with the
+    command and its wall time, and the plane with each family as a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cmiguard.checkpoint import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"command": command, "seconds": seconds, **front, "verdicts": verdicts(front)}
+    atomic_write(
+        out / "frontier.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
+    )
+    head = f"```bash\n{command}\n```\n\nWall time so far: {seconds / 3600:.1f} h.\n\n"
+    (out / "frontier.md").write_text(head + frontier_table(front) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, floor in zip(axes, FLOORS, strict=True):
+        for family, curve in curves(front).items():
+            xs = [p["likelihood_accuracy"] for p in curve]
+            ys = [p["y"][floor] for p in curve]
+            style = (
+                {"marker": "*", "ms": 11, "lw": 1.5} if family == "cmiguard" else {"marker": "o"}
+            )
+            ax.plot(xs, ys, label=family, **style)
+            for p, x, y in zip(curve, xs, ys, strict=True):
+                if p["knob"] is not None:
+                    ax.annotate(f"{p['knob']:g}" if family != "cmiguard" else p["knob"], (x, y),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.axhline(0, color="k", lw=0.8)
+        name = "SFT floor" if floor == "sft" else "top-1 student"
+        ax.set_title(f"gap closed vs the {name}, strongest attack", fontsize=9)
+        ax.set_xlabel("honest users' log-likelihood accuracy (held-out capitals)")
+    axes[0].set_ylabel("gap closed (1 = distillation reduced to the floor)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"seeds {', '.join(front['seeds'])}: better defenses sit up and to the right")
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+
+
+def run_frontier(
+    teacher: nn.Module,
+    transforms: Mapping[str, LogitTransform],
+    calibration: Sequence[Example],
+    heldout: Sequence[Example],
+    pad: int,
+    config: EvalConfig,
+    seeds: Sequence[int],
+    defenses: Sequence[str],
+    out: Path,
+    choices: Sequence[ChoiceQuestion],
+    command: str,
+) -> dict:
+    """Evaluate every defense against :data:`FRONTIER_ATTACKS`, seed after
+    seed, into ``out/seed<S>/`` (each an :func:`evaluate` run, so a rerun
+    resumes where the last stopped and may add points or seeds), and rewrite
+    ``out/frontier.*`` after each seed from every seed run so far."""
+    runs: list[dict] = []
+    front: dict = {}
+    for seed in seeds:
+        cfg = replace(
+            config, seed=seed, attacks=FRONTIER_ATTACKS, defenses=("no_defense", *defenses)
+        )
+        runs.append(
+            evaluate(
+                teacher, transforms, calibration, heldout, pad, cfg, out / f"seed{seed}", choices
+            )
+        )
+        front = frontier(runs)
+        write_frontier(front, out, command, sum(r["seconds"] for r in runs))
+    return front

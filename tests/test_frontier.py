@@ -1,0 +1,124 @@
+"""The frontier: gaps against both floors, the strongest attack, the verdict, resume."""
+
+import json
+
+import pytest
+
+from cmiguard import LowRankTransform
+from cmiguard.attack.evaluation import EvalConfig
+from cmiguard.attack.frontier import FRONTIER_ATTACKS, frontier, run_frontier, verdicts
+from cmiguard.train.models import tiny_model
+from tests.test_evaluation import tiny_questions
+from tests.test_trainer import tiny_examples
+
+
+def result(seed, cells, floor=0.10, top1=0.15, likelihood=None):
+    """An evaluation's results: ``cells[defense]`` is each attack's student accuracy."""
+    attacks = {a: {d: accs[i] for d, accs in cells.items()} for i, a in enumerate(FRONTIER_ATTACKS)}
+    return {
+        "config": {"seed": seed, "steps": 240},
+        "hard_label_floor": floor,
+        "top1_student": top1,
+        "floor_perplexity": {"sft": 90.0, "top1": 80.0},
+        "attacks": attacks,
+        "perplexity": {a: dict.fromkeys(cells, 50.0) for a in FRONTIER_ATTACKS},
+        "likelihood_accuracy": likelihood or dict.fromkeys(cells, 0.5),
+        "teacher_accuracy": dict.fromkeys(cells, 0.4),
+        "cmi": dict.fromkeys(cells, 1.0),
+        "cmi_retempered": dict.fromkeys(cells, 1.0),
+    }
+
+
+def test_gaps_against_both_floors_and_the_strongest_attack():
+    # raw students 0.30 under every attack; floors 0.10 (SFT) and 0.20 (top-1)
+    raw = [0.30] * 4
+    runs = [
+        result(s, {"no_defense": raw, "soften@2": [0.20, 0.25, 0.30, 0.28]}, top1=0.20)
+        for s in (0, 1)
+    ]
+    front = frontier(runs)
+    assert front["seeds"] == ["0", "1"]
+    soft = next(p for p in front["points"] if p["defense"] == "soften@2")
+    assert (soft["family"], soft["knob"]) == ("soften", 2.0)
+    # forward KL: (0.30 - 0.20) / (0.30 - 0.10) = 0.5 vs SFT, 0.1 / 0.1 = 1.0 vs top-1
+    assert soft["mean_gap_closed"]["sft"]["forward_kl"] == pytest.approx(0.5)
+    assert soft["mean_gap_closed"]["top1"]["forward_kl"] == pytest.approx(1.0)
+    # the re-temperer gets the raw student back: it is the strongest, y = 0
+    assert soft["strongest_attack"] == {"sft": "adaptive_retemper", "top1": "adaptive_retemper"}
+    assert soft["y"] == {"sft": pytest.approx(0.0), "top1": pytest.approx(0.0)}
+    assert soft["students"]["reverse_kl"]["1"] == {"accuracy": 0.25, "perplexity": 50.0}
+    assert front["floors"]["0"] == {
+        "sft": 0.1,
+        "top1": 0.2,
+        "sft_perplexity": 90.0,
+        "top1_perplexity": 80.0,
+    }
+    with pytest.raises(ValueError, match="only seeds differ"):
+        frontier([runs[0], {**runs[1], "config": {"seed": 1, "steps": 60}}])
+
+
+def test_a_point_above_every_baseline_curve_and_one_below():
+    likelihood = {
+        "no_defense": 0.9,
+        "soften@2": 0.7,
+        "soften@10": 0.3,
+        "top_k@1": 0.4,
+        "cmiguard@good": 0.8,
+        "cmiguard@bad": 0.5,
+    }
+    # y = gap closed under the strongest attack (here every attack gives the same student)
+    y = {
+        "soften@2": 0.2,
+        "soften@10": 0.6,
+        "top_k@1": 0.3,
+        "cmiguard@good": 0.5,
+        "cmiguard@bad": 0.1,
+    }
+    cells = {"no_defense": [0.3] * 4} | {d: [0.3 - 0.2 * g] * 4 for d, g in y.items()}
+    front = frontier([result(0, cells, likelihood=likelihood)])
+    checks = {(c["defense"], c["floor"]): c for c in verdicts(front)}
+    good, bad = checks[("cmiguard@good", "sft")], checks[("cmiguard@bad", "sft")]
+    # at x = 0.8 the temperature curve runs from (0.9, 0) to (0.7, 0.2): y = 0.1
+    assert good["curves"]["soften"] == pytest.approx(0.1)
+    assert good["curves"]["top_k"] == pytest.approx(0.06)  # (0.9, 0) to (0.4, 0.3)
+    assert good["above_every_baseline"] and good["dominated_by"] == []
+    assert not bad["above_every_baseline"] and bad["dominated_by"] == ["soften@2"]
+
+
+def tiny_config():
+    return EvalConfig(
+        student_layers=1,
+        steps=2,
+        batch_size=3,
+        oracle_batches=1,
+        compile_loss=False,
+        progress=False,
+    )
+
+
+def test_run_frontier_resumes_and_adds_a_seed(tmp_path):
+    teacher = tiny_model(96, seed=0)
+    transforms = {"cmiguard@t": LowRankTransform(96, 4, guard_margin=0.5)}
+    args = (teacher, transforms, tiny_examples(8), tiny_examples(3, seed=9), 0, tiny_config())
+    defenses = ["soften@2", "top_k@5", "cmiguard@t"]
+
+    def go(out, seeds):
+        return run_frontier(*args, seeds, defenses, out, tiny_questions(), "frontier test")
+
+    one = go(tmp_path / "a", [0])
+    assert [p["defense"] for p in one["points"]] == ["no_defense", *defenses]
+    on_disk = json.loads((tmp_path / "a" / "frontier.json").read_text())
+    assert on_disk["command"] == "frontier test" and on_disk["seeds"] == ["0"]
+    first_seconds = json.loads((tmp_path / "a" / "seed0" / "evaluation.json").read_text())[
+        "seconds"
+    ]
+    both = go(tmp_path / "a", [0, 1])  # seed 0 resumes (nothing to train), seed 1 is new
+    seed0 = json.loads((tmp_path / "a" / "seed0" / "evaluation.json").read_text())
+    assert seed0["seconds"] < first_seconds + 30  # no student was trained again
+    fresh = go(tmp_path / "b", [0, 1])
+    for p, q in zip(both["points"], fresh["points"], strict=True):
+        assert p["students"] == q["students"]
+        assert json.dumps(p["gap_closed"]) == json.dumps(q["gap_closed"])  # NaN where raw = floor
+    assert both["seeds"] == ["0", "1"]
+    assert (tmp_path / "a" / "frontier.png").stat().st_size > 10_000
+    assert "cmiguard@t" in (tmp_path / "a" / "frontier.md").read_text()
