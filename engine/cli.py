@@ -14,60 +14,89 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from cmiguard.train.objectives import UTILITIES
 from cmiguard.train.trainer import OBJECTIVES, TrainConfig
-from cmiguard.transforms import FAMILIES
+from cmiguard.transforms import FAMILIES, INITS
 
 if TYPE_CHECKING:
     import torch
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", choices=OBJECTIVES, default="paper")
-    p.add_argument("--family", choices=FAMILIES, default="lowrank")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    p.add_argument("--lr", type=float, default=2e-7)
-    p.add_argument("--lam", type=float, default=1.0, help="paper: weight of the cosine")
-    p.add_argument("--lambda-cmi", type=float, default=1.0)
-    p.add_argument("--lambda-ce", type=float, default=1.0)
-    p.add_argument("--lambda-kl", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--estimator", choices=("exact", "streaming"), default="exact")
-    p.add_argument("--seed", type=int, default=0)
+    """Every :class:`TrainConfig` field, defaulting to the demo's measured best."""
+    from cmiguard.train.demo import default_train_config
+
+    d = default_train_config()
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    p.add_argument("--family", choices=FAMILIES, default=d.family)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument(
+        "--init",
+        choices=INITS,
+        default=d.init,
+        help="which low-rank factor starts at zero: lora (B) or seed (A: the seed's (I + AB)z)",
+    )
+    p.add_argument(
+        "--init-scale", type=float, default=d.init_scale, help="random start of the zero factor"
+    )
+    p.add_argument(
+        "--guard-margin",
+        type=float,
+        default=d.guard_margin,
+        help="keep each row's raw argmax on top by this margin (a negative value: no guard)",
+    )
+    p.add_argument("--utility", choices=UTILITIES, default=d.utility)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=float, default=d.warmup, help="share of steps in lr warm-up")
+    p.add_argument(
+        "--cos-warmup", type=int, default=d.cos_warmup, help="first steps on the utility alone"
+    )
+    p.add_argument("--lam", type=float, default=d.lam, help="paper: weight of the cosine")
+    p.add_argument("--lambda-cmi", type=float, default=d.lambda_cmi)
+    p.add_argument("--lambda-ce", type=float, default=d.lambda_ce, help="cmi: utility weight")
+    p.add_argument("--lambda-kl", type=float, default=d.lambda_kl)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--estimator", choices=("exact", "streaming"), default=d.estimator)
+    p.add_argument("--select-every", type=int, default=d.select_every)
+    p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` fields the command line sets (same names)."""
-    return TrainConfig(
-        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if values.get("guard_margin") is not None and values["guard_margin"] < 0:
+        values["guard_margin"] = None
+    return TrainConfig(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cmiguard.checkpoint import save_transform, vocab_fingerprint
-    from cmiguard.train.data import capital_questions, mc_examples, text_examples, wiki_summaries
+    from cmiguard.checkpoint import vocab_fingerprint
+    from cmiguard.train.demo import DemoConfig, demo_data
     from cmiguard.train.models import load_teacher
     from cmiguard.train.surrogate import make_surrogate
     from cmiguard.train.trainer import train
 
     device = _device(args.device)  # a bad one fails before the teacher loads
+    config = _config(args)
     teacher, tokenizer = load_teacher()
-    examples = text_examples(
-        tokenizer, wiki_summaries("calibration", args.articles), args.max_tokens
+    data = DemoConfig(
+        calibration_articles=args.articles,
+        validation_articles=args.validation_articles,
+        max_tokens=args.max_tokens,
+        questions=args.questions,
     )
-    if args.questions:
-        examples += mc_examples(tokenizer, capital_questions("calibration")[: args.questions])
+    examples, validation = demo_data(tokenizer, data)
+    teacher.to(device)
     surrogate = None
-    if args.objective == "paper":  # fine-tuned on the CPU: a few steps of a 2-layer copy
+    if config.objective == "paper":
         surrogate = make_surrogate(
             teacher, examples, tokenizer.pad_token_id, args.surrogate_layers, args.surrogate_steps
         )
-    teacher.to(device)
-    if surrogate is not None:
-        surrogate.to(device)
     result = train(
-        _config(args),
+        config,
         teacher,
         examples,
         tokenizer.pad_token_id,
@@ -75,15 +104,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         resume=args.resume,
         stop_after=args.stop_after,
+        validation=validation,
+        fingerprint=vocab_fingerprint(tokenizer),
     )
-    save_transform(
-        result.transform, Path(args.out) / "transform.safetensors", vocab_fingerprint(tokenizer)
-    )
-    print(
-        json.dumps(
-            {"steps": len(result.history), "last": result.history[-1] if result.history else {}}
-        )
-    )
+    last = result.history[-1] if result.history else {}
+    summary = {"steps": len(result.history), "selected_step": result.selected_step, "last": last}
+    print(json.dumps(summary))
     return 0
 
 
@@ -283,9 +309,18 @@ def _known(names: str, known: Sequence[str], what: str) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cmiguard.train.demo import DemoConfig, run_demo
+    from dataclasses import replace
 
-    config = DemoConfig(calibration_articles=args.articles, heldout_articles=args.heldout_articles)
+    from cmiguard.train.demo import DemoConfig, default_train_config, run_demo
+
+    train = default_train_config()
+    config = DemoConfig(
+        calibration_articles=args.articles,
+        heldout_articles=args.heldout_articles,
+        questions=args.questions,
+        surrogate_steps=args.surrogate_steps,
+        train=replace(train, epochs=args.epochs or train.epochs),
+    )
     metrics = run_demo(config, out_dir=args.out, progress=not args.json)
     if args.json:
         print(json.dumps(metrics))
@@ -299,16 +334,16 @@ def print_table(metrics: dict[str, float]) -> None:
         ("multiple-choice accuracy", "teacher_accuracy_raw", "teacher_accuracy_purified"),
         ("next-token accuracy", "next_token_accuracy_raw", "next_token_accuracy_purified"),
         ("CMI, all rows (nats)", "cmi_raw", "cmi_purified"),
-        ("CMI, text rows (nats)", "cmi_text_raw", "cmi_text_purified"),
+        ("CMI re-tempered (nats)", "cmi_raw_retempered", "cmi_purified_retempered"),
     ]
     print(f"| {'held-out metric':<26} | {'raw':>8} | {'purified':>8} |")
     print(f"|{'-' * 28}|{'-' * 10}|{'-' * 10}|")
     for name, raw, pur in rows:
         print(f"| {name:<26} | {metrics[raw]:>8.4f} | {metrics[pur]:>8.4f} |")
     print(f"\ntop-1 agreement purified vs raw: {metrics['top1_agreement']:.4f}")
-    print(f"CMI ratio purified/raw: {metrics['cmi_purified'] / metrics['cmi_raw']:.3f}")
-    print(f"serving temperature: {metrics['temperature']:.3f}")
-    print(f"learned correction kept: {metrics['correction_scale']:.3f} of B")
+    print(f"the seed's cosine on held-out rows: {metrics['misalignment_cos_heldout']:.4f}")
+    print(f"served at temperature {metrics['temperature']:g}, guard {metrics['guard_margin']}")
+    print(f"selected step {metrics['selected_step']} of {metrics['steps']}")
     print(f"purify throughput: {metrics['purify_tokens_per_s']:.0f} rows/s (CPU path)")
     print(f"total time: {metrics['seconds']:.1f} s")
 
@@ -323,10 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a transform on the SmolLM2 teacher")
     _train_args(p)
     p.add_argument("--articles", type=int, default=96, help="calibration Wikipedia summaries")
-    p.add_argument("--questions", type=int, default=200, help="calibration capital questions")
+    p.add_argument(
+        "--validation-articles",
+        type=int,
+        default=16,
+        help="later calibration summaries held out for the selection rule (with a fifth of "
+        "the calibration questions)",
+    )
+    p.add_argument(
+        "--questions", type=int, default=None, help="calibration capital questions (default: all)"
+    )
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--surrogate-layers", type=int, default=2)
-    p.add_argument("--surrogate-steps", type=int, default=20, help="surrogate fine-tuning steps")
+    p.add_argument("--surrogate-layers", type=int, default=4, help="the surrogate student's blocks")
+    p.add_argument("--surrogate-steps", type=int, default=60, help="its distillation steps")
     p.add_argument(
         "--out", required=True, help="folder for checkpoint.pt and transform.safetensors"
     )
@@ -422,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     p.add_argument("--articles", type=int, default=96)
     p.add_argument("--heldout-articles", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=None, help="default: the measured best's")
+    p.add_argument(
+        "--questions", type=int, default=None, help="calibration capital questions (default: all)"
+    )
+    p.add_argument("--surrogate-steps", type=int, default=60)
     p.add_argument("--out", default=None, help="also save the transform here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)

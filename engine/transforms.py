@@ -68,6 +68,24 @@ class LogitTransform(nn.Module):
         """LM-head ``(E', c')`` such that ``h E'ᵀ + c' = T(h Eᵀ + c)``."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def distance_from_identity(self) -> float:
+        """``‖M − I‖_F`` of the linear part plus ``‖b‖`` of the bias: how far
+        training has moved the map (without forming a ``V × V`` matrix)."""
+        params = self.kernel_params()
+        if params.get("weight") is not None:
+            eye = torch.eye(self.vocab_size, device=params["weight"].device)
+            sq = float(((params["weight"] - eye) ** 2).sum())
+        else:
+            a, b = params["a"].double(), params["b"].double()
+            sq = float(((a.T @ a) * (b.T @ b)).sum())  # ‖A Bᵀ‖² = tr((AᵀA)(BᵀB))
+            if params.get("scale") is not None:
+                d = params["scale"].double() - 1
+                sq += float((d**2).sum()) + 2 * float((d * (a * b).sum(1)).sum())
+        if params.get("bias") is not None:
+            sq += float((params["bias"].double() ** 2).sum())
+        return sq**0.5
+
     def extra_repr(self) -> str:
         guard = "" if self.guard_margin is None else f", guard_margin={self.guard_margin}"
         return (

@@ -16,22 +16,63 @@ moves the served distribution.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cmiguard import LowRankTransform, cmi
-from cmiguard.kernels.reference import label_groups
-from cmiguard.train.demo import DemoConfig, shrink_to_constraints, split_examples
-from cmiguard.train.metrics import teacher_rows
+from cmiguard.kernels.reference import argmax_guard, label_groups
+from cmiguard.train.data import (
+    Example,
+    capital_questions,
+    mc_examples,
+    text_examples,
+    wiki_summaries,
+)
+from cmiguard.train.demo import DemoConfig
+from cmiguard.train.metrics import mc_choice
 from cmiguard.train.models import load_teacher
+from cmiguard.train.rows import RowSet, teacher_rows
+from cmiguard.transforms import LogitTransform
 
 RANKS = (4, 16, 64)
 
 
-def answer_on_top(raw: torch.Tensor, out: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
-    """``out`` with each row's raw argmax raised to ``margin`` above the rest if needed."""
-    top = raw.argmax(1, keepdim=True)
-    others = out.scatter(1, top, float("-inf")).amax(1, keepdim=True)
-    return out.scatter(1, top, torch.maximum(out.gather(1, top), others + margin))
+def shrink_to_constraints(
+    rows: RowSet, transform: LogitTransform, min_top1: float = 0.995, margin: float = 0.5
+) -> float:
+    """Scale the learned correction ``B`` by the largest ``s`` in [0, 1] that keeps
+    top-1 agreement >= ``min_top1`` on ``rows`` (calibration data) and changes
+    no multiple-choice answer there, times ``margin`` (a safety factor for
+    unseen rows: at the largest feasible scale held-out answers still flipped).
+
+    The seed paper keeps the checkpoint that keeps teacher accuracy; shrinking
+    toward the identity enforces the same constraint continuously.
+    """
+    b = transform.b.detach().clone()
+
+    def ok(s: float) -> bool:
+        with torch.no_grad():
+            transform.b.copy_(s * b)
+            t = transform(rows.logits)
+        top1 = float((t.argmax(1) == rows.logits.argmax(1)).float().mean())
+        return top1 >= min_top1 and bool((mc_choice(rows, t) == mc_choice(rows, rows.logits)).all())
+
+    lo, hi = 0.0, 1.0
+    if not ok(hi):
+        for _ in range(8):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        hi = lo
+    with torch.no_grad():
+        transform.b.copy_(margin * hi * b)
+    return margin * hi
+
+
+def split_examples(tokenizer: Any, split: str, articles: int, max_tokens: int) -> list[Example]:
+    """One split's rows: Wikipedia next-token text, then the capital questions."""
+    texts = text_examples(tokenizer, wiki_summaries(split, articles), max_tokens)
+    return texts + mc_examples(tokenizer, capital_questions(split))
 
 
 def main() -> None:
@@ -81,7 +122,7 @@ def main() -> None:
     for k in RANKS:
         with torch.no_grad():
             out = heldout.logits - (heldout.logits @ u[:, :k]) @ u[:, :k].t()
-            out = answer_on_top(heldout.logits, out)
+            out = argmax_guard(out, heldout.logits, 1e-3)
         acc = float((out.argmax(1) == heldout.labels).float().mean())
         ratio = float(cmi(out, heldout.labels)) / raw_cmi
         sharp = float(cmi(out, heldout.labels, temperature=0.5)) / raw_cmi

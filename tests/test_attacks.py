@@ -8,11 +8,10 @@ from cmiguard.attack.adaptive import (
     BlindInverse,
     fit_blind_inverse,
     fit_linear_inverse,
-    fit_temperature,
     floor_truncated,
-    retemper,
 )
 from cmiguard.attack.losses import DIVERGENCES, distillation_loss, top_k_view
+from cmiguard.tempering import fit_temperature, retemper
 
 
 def direct(name, p, q):

@@ -124,7 +124,9 @@ def test_train_resume_from_the_command_line(tmp_path, teacher):
     base = [sys.executable, "-m", "cmiguard.cli", "train", "--objective", "cmi", "--articles", "3"]
     base += [
         "--questions",
-        "4",
+        "5",
+        "--validation-articles",
+        "1",
         "--max-tokens",
         "16",
         "--batch-size",
@@ -133,6 +135,8 @@ def test_train_resume_from_the_command_line(tmp_path, teacher):
         "4",
         "--lr",
         "1e-5",
+        "--epochs",
+        "1",
     ]
     first = subprocess.run(
         [*base, "--out", str(tmp_path / "a"), "--stop-after", "2"], capture_output=True, text=True
@@ -156,24 +160,27 @@ def test_train_resume_from_the_command_line(tmp_path, teacher):
 @pytest.mark.teacher
 def test_demo_end_to_end(teacher):
     """The embedded default on a small slice: the constraints hold on held-out rows."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "cmiguard.cli",
-        "demo",
-        "--json",
-        "--articles",
-        "24",
+    cmd = [sys.executable, "-m", "cmiguard.cli", "demo", "--json", "--articles", "8"]
+    cmd += [
         "--heldout-articles",
-        "12",
+        "4",
+        "--epochs",
+        "1",
+        "--questions",
+        "20",
+        "--surrogate-steps",
+        "8",
     ]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     m = json.loads(run.stdout)
+    assert m["temperature"] == 1.0  # served at τ = 1: no temperature hides behind the numbers
     assert m["top1_agreement"] >= 0.99
-    assert m["teacher_accuracy_purified"] >= m["teacher_accuracy_raw"] - 0.03
+    assert m["teacher_accuracy_purified"] >= m["teacher_accuracy_raw"] - 0.01
     assert m["teacher_accuracy_raw"] > 0.5  # the cloze multiple choice is far above chance
-    assert m["cmi_purified"] <= m["cmi_raw"] / 3
+    assert 0 < m["misalignment_cos_heldout"] < 1
+    # re-tempering a τ = 1 output changes little: its CMI is close to what is served
+    assert m["cmi_purified_retempered"] == pytest.approx(m["cmi_purified"], rel=0.2)
 
 
 @pytest.mark.teacher

@@ -113,3 +113,97 @@ def test_misalignment_checks_shapes():
         gradient_misalignment_loss(
             random_logits(5, 9), torch.zeros(5, dtype=torch.long), LowRankTransform(9, 2), probe
         )
+
+
+def naive_cosine(z, labels, t_logits, probe, alpha):
+    """The cosine as written: autograd of student_loss with the raw and the
+    purified teacher, a loss graph over [N, V] each."""
+    from cmiguard.train.objectives import student_loss
+
+    student = probe.logits()
+    g = torch.autograd.grad(
+        student_loss(student, torch.softmax(z, -1), labels, alpha), probe.params, retain_graph=True
+    )
+    g2 = torch.autograd.grad(
+        student_loss(student, torch.softmax(t_logits, -1), labels, alpha),
+        probe.params,
+        create_graph=True,
+    )
+    dot = sum((a * b).sum() for a, b in zip(g, g2, strict=True))
+    return dot / (
+        torch.sqrt(sum((a**2).sum() for a in g)) * torch.sqrt(sum((b**2).sum() for b in g2))
+    )
+
+
+def test_closed_form_cosine_equals_autograd_through_a_real_surrogate():
+    """Through a tiny Llama's last MLP, norm and head (not a linear head): the
+    closed-form δ and the two VJPs give the cosine and its gradient that
+    autograd of student_loss gives."""
+    from cmiguard.train.models import probe_from_residual, tiny_model
+    from cmiguard.train.objectives import gradient_cosine
+
+    model = tiny_model(64, seed=2)
+    residual = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
+    z = random_logits(12, 64, seed=4)
+    labels = torch.tensor([1, 5, 5, -100, 9, 9, 0, 3, 3, 3, 60, 2])
+    t = trained_like(LowRankTransform(64, 3), scale=0.3)
+    probe = probe_from_residual(model, residual)
+    ours = gradient_cosine(z, t.apply_fp32(z), labels, probe, 0.3)
+    ref = naive_cosine(z, labels, t.apply_fp32(z), probe, 0.3)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ours.item() < 0.999  # the map moved it, so the check has something to compare
+    for a, b in zip(
+        torch.autograd.grad(ours, [t.a, t.b]), torch.autograd.grad(ref, [t.a, t.b]), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_utility_terms_match_their_definitions():
+    from cmiguard.train.objectives import utility_loss
+
+    z = random_logits(8, 30, seed=6)
+    t = random_logits(8, 30, seed=7)
+    labels = z.argmax(-1).clone()
+    labels[[1, 4]] = (labels[[1, 4]] + 1) % 30  # two rows the teacher gets wrong
+    labels[6] = -100
+    keep = torch.tensor([0, 2, 3, 5, 7])
+    valid = labels != -100
+    want = {
+        "ce": F.cross_entropy(t[valid], labels[valid]),
+        "ce_correct": F.cross_entropy(t[keep], labels[keep]),
+        "teacher_ce": F.cross_entropy(t[valid], z[valid].argmax(-1)),
+        "kl": (
+            torch.softmax(z[valid], -1)
+            * (torch.log_softmax(z[valid], -1) - torch.log_softmax(t[valid], -1))
+        )
+        .sum(-1)
+        .mean(),
+    }
+    for kind, value in want.items():
+        assert utility_loss(t, z, labels, kind).item() == pytest.approx(value.item(), rel=1e-5)
+    assert utility_loss(z, z, labels, "kl").item() == pytest.approx(0.0, abs=1e-6)
+    none_right = torch.where(valid, (z.argmax(-1) + 1) % 30, -100)
+    assert utility_loss(t, z, none_right, "ce_correct").item() == 0.0
+    with pytest.raises(ValueError, match="utility must be one of"):
+        utility_loss(t, z, labels, "accuracy")
+
+
+def test_without_the_cosine_only_the_utility_trains():
+    """λ = 0 (the warm-up): the loss and its gradient are the utility term's."""
+    from cmiguard.train.objectives import utility_loss
+
+    n, v, d = 10, 29, 6
+    z = random_logits(n, v, seed=5)
+    labels = torch.tensor([0, 3, 3, 8, -100, 1, 2, 2, 9, 4])
+    t = trained_like(LowRankTransform(v, 4, init_scale=0.01, guard_margin=0.5), scale=0.05)
+    _, _, probe = linear_surrogate(n, v, d)
+    loss, stats = gradient_misalignment_loss(
+        z, labels, t, probe, lam=0.0, utility="teacher_ce", return_stats=True
+    )
+    want = utility_loss(t(z), z, labels, "teacher_ce")
+    assert loss.item() == pytest.approx(want.item()) == pytest.approx(stats["utility"])
+    assert 0 < stats["cos"] < 1
+    for a, b in zip(
+        torch.autograd.grad(loss, [t.a, t.b]), torch.autograd.grad(want, [t.a, t.b]), strict=True
+    ):
+        torch.testing.assert_close(a, b)

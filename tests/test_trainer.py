@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -19,18 +21,48 @@ def tiny_examples(n=10, v=96, length=12, seed=0):
 def test_resume_reaches_the_same_transform(tmp_path, objective):
     teacher, surrogate = tiny_model(96, seed=0), tiny_model(96, seed=1)
     config = TrainConfig(
-        objective=objective, rank=4, epochs=2, batch_size=3, lr=1e-3, checkpoint_every=2
+        objective=objective,
+        rank=4,
+        epochs=2,
+        batch_size=3,
+        lr=1e-3,
+        checkpoint_every=2,
+        select_every=3,
+        utility="teacher_ce",
+        init_scale=0.01,
+        guard_margin=0.5,
     )
-    examples = tiny_examples()
-    whole = train(config, teacher, examples, 0, surrogate=surrogate, progress=False)
-    stopped = train(config, teacher, examples, 0, surrogate, tmp_path, progress=False, stop_after=5)
+    examples, validation = tiny_examples(), tiny_examples(4, seed=5)
+
+    def run(out=None, **kwargs):
+        return train(
+            config, teacher, examples, 0, surrogate, out, progress=False, validation=validation,
+            **kwargs,
+        )  # fmt: skip
+
+    whole = run()
+    stopped = run(tmp_path, stop_after=5)
     assert len(stopped.history) == 5
-    resumed = train(config, teacher, examples, 0, surrogate, tmp_path, resume=True, progress=False)
+    resumed = run(tmp_path, resume=True)
     assert resumed.resumed_from == 5 and len(resumed.history) == len(whole.history) == 8
-    assert (tmp_path / "transform.safetensors").is_file()
+    assert [s["step"] for s in resumed.selections] == [0, 3, 6, 8]
+    # (json: the cmi objective has no cosine, NaN, which == would call unequal)
+    assert json.dumps(resumed.selections) == json.dumps(whole.selections)
+    assert resumed.selected_step == whole.selected_step
     for a, b in zip(whole.transform.parameters(), resumed.transform.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(whole.transform.b, torch.zeros_like(whole.transform.b))
+    # the files: the selected transform, the last, one per selection point, the log and plot
+    for name in ("transform", "last", "trajectory/step0", "trajectory/step3", "trajectory/step8"):
+        assert (tmp_path / f"{name}.safetensors").is_file(), name
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "step"] == list(range(1, 9))
+    steps = [r for r in log if r["kind"] == "step"]
+    assert all(r["top1"] == 1.0 for r in steps)  # the guard keeps every answer
+    assert {"utility", "distance", "lr"} <= set(steps[0])
+    if objective == "paper":
+        assert 0 < steps[0]["cos_heldout"] < 1 and 0 < steps[0]["cos"] < 1
+    assert (tmp_path / "training.png").stat().st_size > 10_000
 
 
 def test_training_lowers_the_cmi_objective():
@@ -63,6 +95,10 @@ def test_bad_training_input():
         train(TrainConfig(objective="paper"), teacher, tiny_examples(), 0, progress=False)
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(objective="adversarial")
+    with pytest.raises(ValueError, match="utility must be one of"):
+        TrainConfig(utility="accuracy")
+    with pytest.raises(ValueError, match="not for dense"):
+        TrainConfig(family="dense", init="seed")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -95,3 +131,49 @@ def test_training_runs_on_the_teachers_device():
     surrogate = tiny_model(96, seed=1).to("meta")  # on another device than the teacher
     with pytest.raises(ValueError, match="surrogate is on meta"):
         train(TrainConfig(), tiny_model(96), tiny_examples(), 0, surrogate, progress=False)
+
+
+def test_the_selection_rule_keeps_the_lowest_admissible_cosine(tmp_path):
+    """Without a guard and with a large step the answers move: those points are
+    inadmissible (top-1 agreement < 0.99) and the rule picks the lowest cosine
+    among the rest; the returned transform is that point's file."""
+    from cmiguard import load_transform
+
+    teacher, surrogate = tiny_model(96, seed=0), tiny_model(96, seed=1)
+    config = TrainConfig(
+        objective="paper", rank=4, epochs=3, batch_size=3, lr=3e-2, select_every=1, lam=5.0
+    )
+    result = train(
+        config, teacher, tiny_examples(), 0, surrogate, tmp_path, progress=False,
+        validation=tiny_examples(4, seed=5),
+    )  # fmt: skip
+    points = result.selections
+    assert len(points) == 13 and points[0]["step"] == 0
+    assert all(not p["admissible"] for p in points if p["top1_agreement"] < 0.99)
+    assert any(not p["admissible"] for p in points)  # the large steps did move answers
+    admissible = [p for p in points if p["admissible"]]
+    assert result.selected_step == min(admissible, key=lambda p: p["cos"])["step"]
+    kept = load_transform(tmp_path / f"trajectory/step{result.selected_step}.safetensors")
+    torch.testing.assert_close(kept.b, result.transform.b, rtol=0, atol=0)
+    on_disk = load_transform(tmp_path / "transform.safetensors")
+    torch.testing.assert_close(on_disk.b, result.transform.b, rtol=0, atol=0)
+
+
+def test_admissibility_reads_the_accuracy_budget():
+    """A transform that costs more than 1 point of accuracy is not admissible
+    even at full top-1 agreement elsewhere; the identity is."""
+    from cmiguard import LowRankTransform
+    from cmiguard.train.rows import teacher_rows
+    from cmiguard.train.trainer import validation_metrics
+
+    teacher = tiny_model(96, seed=0)
+    held = teacher_rows(teacher, tiny_examples(6, seed=5), 0, progress=False)
+    config = TrainConfig(objective="cmi")
+    identity = validation_metrics(config, LowRankTransform(96, 2), held, None)
+    assert identity["admissible"] and identity["top1_agreement"] == 1.0
+    assert identity["next_token_accuracy_purified"] == identity["next_token_accuracy_raw"]
+    flipped = LowRankTransform(96, 2)
+    with torch.no_grad():
+        flipped.b.normal_(0, 10.0)  # a large random map: answers change
+    scored = validation_metrics(config, flipped, held, None)
+    assert scored["top1_agreement"] < 0.99 and not scored["admissible"]

@@ -13,12 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmiguard.kernels.reference import IGNORE_INDEX
-
-
-def retemper(logprobs: Tensor, temperature: float) -> Tensor:
-    """The adaptive attacker's first move: undo a guessed serving temperature
-    (``softmax(τ·log p)`` recovers ``softmax(z)`` exactly when ``p = softmax(z/τ)``)."""
-    return torch.log_softmax(logprobs.float() * temperature, dim=-1)
+from cmiguard.tempering import fit_temperature
 
 
 def floor_truncated(logprobs: Tensor, mass: float = 1e-4) -> Tensor:
@@ -33,26 +28,6 @@ def floor_truncated(logprobs: Tensor, mass: float = 1e-4) -> Tensor:
     share = torch.log(mass / count.clamp(min=1))
     shown = logprobs + torch.where(count > 0, torch.log1p(torch.tensor(-mass)), 0.0)
     return torch.where(hidden, share.expand_as(logprobs), shown)
-
-
-def fit_temperature(logprobs: Tensor, labels: Tensor) -> float:
-    """The blind re-tempering attacker: the τ for which ``softmax(τ·log p)`` best
-    predicts the ground truth (lowest NLL over labelled rows whose label has a
-    finite log-prob), searched on a log grid then refined. It needs no knowledge
-    of the defense: a served temperature shows up as miscalibration."""
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    rows = rows[torch.isfinite(logprobs[rows, labels[rows]])]
-    if rows.numel() == 0:
-        raise ValueError("fit_temperature needs rows whose label has a finite log-prob")
-    lp, y = logprobs[rows].float(), labels[rows]
-
-    def nll(tau: float) -> float:
-        return float(F.cross_entropy(lp * tau, y))
-
-    grid = torch.logspace(-1.5, 1.5, 31).tolist()
-    best = min(grid, key=nll)
-    fine = (best * torch.logspace(-0.05, 0.05, 11)).tolist()
-    return min(fine, key=nll)
 
 
 def _centered(logprobs: Tensor) -> Tensor:

@@ -26,14 +26,13 @@ from tqdm.auto import tqdm
 from cmiguard.attack.adaptive import (
     fit_blind_inverse,
     fit_linear_inverse,
-    fit_temperature,
     floor_truncated,
-    retemper,
 )
 from cmiguard.attack.defenses import DEFENSES, defense_fn, describe, keep_top
 from cmiguard.attack.losses import DIVERGENCES, distillation_loss
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.purify import cmi
+from cmiguard.tempering import fit_temperature, retemper
 from cmiguard.train.data import ChoiceQuestion, Example, batches, collate
 from cmiguard.train.models import logits_rows, truncated_copy
 from cmiguard.transforms import LogitTransform

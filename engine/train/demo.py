@@ -1,17 +1,19 @@
-"""The embedded default run: train a transform on the real teacher and report
-held-out utility, argmax agreement and CMI, raw vs purified."""
+"""The embedded default run: train a transform on the real teacher with the
+seed's objective, select it on validation rows, and report held-out utility,
+argmax agreement, the seed's cosine and CMI, raw vs purified, at τ = 1."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cmiguard.checkpoint import save_transform, vocab_fingerprint
-from cmiguard.purify import cmi
+from cmiguard.checkpoint import vocab_fingerprint
+from cmiguard.purify import cmi, purify
+from cmiguard.tempering import fit_temperature, retemper
 from cmiguard.train.data import (
     Example,
     capital_questions,
@@ -20,98 +22,86 @@ from cmiguard.train.data import (
     text_examples,
     wiki_summaries,
 )
-from cmiguard.train.metrics import RowSet, compare, mc_choice, teacher_rows
+from cmiguard.train.metrics import compare
 from cmiguard.train.models import load_teacher
+from cmiguard.train.rows import RowSet, teacher_rows, with_residuals
 from cmiguard.train.surrogate import make_surrogate
-from cmiguard.train.trainer import TrainConfig, train
+from cmiguard.train.trainer import TrainConfig, train, validation_metrics
 from cmiguard.transforms import LogitTransform
+
+
+def default_train_config() -> TrainConfig:
+    """The best setting the sweep measured (experiments/results/paper_sweep)."""
+    return TrainConfig(
+        objective="paper",
+        rank=32,
+        init="lora",
+        init_scale=1e-6,
+        guard_margin=1.0,
+        utility="teacher_ce",
+        epochs=5,
+        batch_size=32,
+        lr=1e-5,
+        select_every=2,
+    )
 
 
 @dataclass
 class DemoConfig:
     calibration_articles: int = 96
+    # articles after the calibration ones, held out from training for the selection rule
+    validation_articles: int = 16
     heldout_articles: int = 32
     max_tokens: int = 64
-    surrogate_layers: int = 2
-    surrogate_steps: int = 20
-    cmi_target: float = 0.25  # purified CMI / raw CMI on calibration rows
-    train: TrainConfig | None = None
+    # calibration questions used (None: all), a fifth of them for validation
+    questions: int | None = None
+    validation_questions: float = 0.2
+    surrogate_layers: int = 4
+    surrogate_steps: int = 60
+    train: TrainConfig = field(default_factory=default_train_config)
 
 
-def calibrate_temperature(
-    rows: RowSet, transform: LogitTransform, target: float, iters: int = 12
-) -> float:
-    """Smallest serving temperature whose CMI on ``rows`` is ``target`` × the raw CMI.
-
-    Temperature never moves the argmax, so this costs no accuracy; it is the
-    part of the reduction an attacker who guesses τ can undo (see the note in
-    the README), the learned low-rank part is the part he cannot.
-    """
-    with torch.no_grad():
-        t = transform(rows.logits)
-    goal = target * float(cmi(rows.logits, rows.labels))
-    lo, hi = 1.0, 2.0
-    while float(cmi(t, rows.labels, temperature=hi)) > goal and hi < 1e3:
-        lo, hi = hi, hi * 2
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if float(cmi(t, rows.labels, temperature=mid)) > goal:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+def demo_data(tokenizer: Any, config: DemoConfig) -> tuple[list[Example], list[Example]]:
+    """Calibration and validation rows: Wikipedia next-token text, then the
+    capital questions (validation: the articles after the calibration ones and
+    a fifth of the calibration questions)."""
+    n, v = config.calibration_articles, config.validation_articles
+    articles = wiki_summaries("calibration", n + v)
+    questions = capital_questions("calibration")[: config.questions]
+    cut = len(questions) - int(len(questions) * config.validation_questions)
+    calibration = text_examples(tokenizer, articles[:n], config.max_tokens)
+    calibration += mc_examples(tokenizer, questions[:cut])
+    validation = text_examples(tokenizer, articles[n:], config.max_tokens) if v else []
+    validation += mc_examples(tokenizer, questions[cut:])
+    return calibration, validation
 
 
-def shrink_to_constraints(
-    rows: RowSet, transform: LogitTransform, min_top1: float = 0.995, margin: float = 0.5
-) -> float:
-    """Scale the learned correction ``B`` by the largest ``s`` in [0, 1] that keeps
-    top-1 agreement >= ``min_top1`` on ``rows`` (calibration data) and changes
-    no multiple-choice answer there, times ``margin`` (a safety factor for
-    unseen rows: at the largest feasible scale held-out answers still flipped).
-
-    The seed paper keeps the checkpoint that keeps teacher accuracy; shrinking
-    toward the identity enforces the same constraint continuously.
-    """
-    b = transform.b.detach().clone()
-
-    def ok(s: float) -> bool:
-        with torch.no_grad():
-            transform.b.copy_(s * b)
-            t = transform(rows.logits)
-        top1 = float((t.argmax(1) == rows.logits.argmax(1)).float().mean())
-        return top1 >= min_top1 and bool((mc_choice(rows, t) == mc_choice(rows, rows.logits)).all())
-
-    lo, hi = 0.0, 1.0
-    if not ok(hi):
-        for _ in range(8):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-        hi = lo
-    with torch.no_grad():
-        transform.b.copy_(margin * hi * b)
-    return margin * hi
+def heldout_data(tokenizer: Any, config: DemoConfig) -> list[Example]:
+    """The held-out split (other articles and countries): text, then questions."""
+    heldout = text_examples(
+        tokenizer, wiki_summaries("heldout", config.heldout_articles), config.max_tokens
+    )
+    return heldout + mc_examples(tokenizer, capital_questions("heldout"))
 
 
-def split_examples(tokenizer: Any, split: str, articles: int, max_tokens: int) -> list[Example]:
-    """One split's rows: Wikipedia next-token text, then the capital questions."""
-    texts = text_examples(tokenizer, wiki_summaries(split, articles), max_tokens)
-    return texts + mc_examples(tokenizer, capital_questions(split))
+def retempered_cmi(rows: RowSet, logits: torch.Tensor) -> float:
+    """The CMI of ``logits`` as the blind re-temperer distils from them: re-tempered
+    by the τ that best predicts these rows' labels."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    return float(cmi(retemper(logprobs, fit_temperature(logprobs, rows.labels)), rows.labels))
 
 
 def run_demo(
     config: DemoConfig | None = None, out_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Train (paper objective, rank 32), calibrate τ, evaluate on held-out rows."""
+    """Train (the seed's objective), select on validation rows, evaluate held out."""
     config = config or DemoConfig()
-    train_cfg = config.train or TrainConfig(objective="paper", rank=32, lr=2e-7, epochs=1)
     start = time.perf_counter()
     teacher, tokenizer = load_teacher()
     pad = tokenizer.pad_token_id
-    calibration = split_examples(
-        tokenizer, "calibration", config.calibration_articles, config.max_tokens
-    )
-    heldout = split_examples(tokenizer, "heldout", config.heldout_articles, config.max_tokens)
+    calibration, validation = demo_data(tokenizer, config)
+    heldout = heldout_data(tokenizer, config)
+    rows = teacher_rows(teacher, calibration, pad, progress=progress, desc="calibration rows")
     surrogate = make_surrogate(
         teacher,
         calibration,
@@ -119,35 +109,51 @@ def run_demo(
         config.surrogate_layers,
         config.surrogate_steps,
         progress=progress,
+        rows=rows,
     )
-    result = train(train_cfg, teacher, calibration, pad, surrogate=surrogate, progress=progress)
-    transform = result.transform
-    cal_rows = teacher_rows(
-        teacher, calibration[::3], pad, progress=progress, desc="calibration rows"
+    rows = with_residuals(rows, surrogate, calibration, pad)
+    result = train(
+        config.train,
+        teacher,
+        calibration,
+        pad,
+        surrogate=surrogate,
+        out_dir=out_dir,
+        progress=progress,
+        validation=validation,
+        rows=rows,
+        fingerprint=vocab_fingerprint(tokenizer),
     )
-    shrink = shrink_to_constraints(cal_rows, transform)
-    transform.temperature = calibrate_temperature(cal_rows, transform, config.cmi_target)
-    del cal_rows
-    rows = teacher_rows(teacher, heldout, pad, progress=progress, desc="held-out rows")
-    metrics = compare(rows, transform)
-    if out_dir is not None:
-        save_transform(
-            transform, Path(out_dir) / "transform.safetensors", vocab_fingerprint(tokenizer)
-        )
+    transform: LogitTransform = result.transform
+    del rows
+    held = teacher_rows(
+        teacher, heldout, pad, progress=progress, desc="held-out rows", surrogate=surrogate
+    )
+    metrics = compare(held, transform)
+    on_heldout = validation_metrics(config.train, transform, held, surrogate)
+    with torch.no_grad():
+        purified = purify(held.logits, transform)
     counts = label_counts(heldout)
+    chosen = next((s for s in result.selections if s["step"] == result.selected_step), {})
     return {
         "teacher_accuracy_raw": metrics["mc_accuracy_raw"],
         "teacher_accuracy_purified": metrics["mc_accuracy_purified"],
         "next_token_accuracy_raw": metrics["next_token_accuracy_raw"],
         "next_token_accuracy_purified": metrics["next_token_accuracy_purified"],
         "top1_agreement": metrics["top1_agreement"],
+        "misalignment_cos_heldout": on_heldout["cos"],
+        "misalignment_cos_validation": chosen.get("cos", float("nan")),
         "cmi_raw": metrics["cmi_raw"],
         "cmi_purified": metrics["cmi_purified"],
+        "cmi_raw_retempered": retempered_cmi(held, held.logits),
+        "cmi_purified_retempered": retempered_cmi(held, purified),
         "cmi_text_raw": metrics["cmi_text_raw"],
         "cmi_text_purified": metrics["cmi_text_purified"],
         "temperature": transform.temperature,
-        "correction_scale": shrink,
-        "misalignment_cos_last": result.history[-1].get("cos", float("nan")),
+        "guard_margin": transform.guard_margin,
+        "selected_step": result.selected_step,
+        "steps": len(result.history),
+        "distance_from_identity": transform.distance_from_identity(),
         "purify_tokens_per_s": metrics["purify_tokens_per_s"],
         "heldout_rows": counts["rows"],
         "heldout_distinct_labels": counts["distinct_labels"],

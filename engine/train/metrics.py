@@ -3,48 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from cmiguard.purify import cmi, purify
-from cmiguard.train.data import Example, batches
-from cmiguard.train.models import logits_rows
+from cmiguard.train.rows import RowSet
 from cmiguard.transforms import LogitTransform
-
-
-@dataclass
-class RowSet:
-    """Teacher logits for labelled rows, with what scoring needs."""
-
-    logits: Tensor  # [N, V] fp32
-    labels: Tensor  # [N]
-    is_mc: Tensor  # [N] bool
-    options: Tensor  # [N, 4] answer-letter ids (-1 on text rows)
-
-
-def teacher_rows(
-    teacher: nn.Module,
-    examples: Sequence[Example],
-    pad_id: int,
-    batch_size: int = 8,
-    progress: bool = True,
-    desc: str = "teacher logits",
-) -> RowSet:
-    """Run the teacher once over ``examples`` and keep the labelled rows' logits."""
-    parts = []
-    total = (len(examples) + batch_size - 1) // batch_size
-    with torch.no_grad():
-        for batch in tqdm(
-            batches(examples, batch_size, pad_id), total=total, desc=desc, disable=not progress
-        ):
-            z = logits_rows(teacher, batch.input_ids, batch.attention_mask, batch.rows)
-            is_mc = torch.tensor([k == "mc" for k in batch.kinds])
-            parts.append((z, batch.labels, is_mc, batch.options))
-    return RowSet(*(torch.cat(items) for items in zip(*parts, strict=True)))
 
 
 def mc_choice(rows: RowSet, logits: Tensor) -> Tensor:

@@ -133,17 +133,20 @@ def logits_rows(
     return head(hidden_rows(model, input_ids, attention_mask, rows)).float()
 
 
-def surrogate_probe(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
-) -> SurrogateProbe:
-    """The surrogate seen through its last MLP (the layer below the LM head).
-
-    The blocks below run once without gradient; what remains (last MLP, final
-    norm, LM head) is position-wise, so the probe only touches the ``rows``.
-    """
+def _last_block(model: nn.Module) -> nn.Module:
     last = model.model.layers[-1]
     if not (hasattr(last, "post_attention_layernorm") and hasattr(last, "mlp")):
-        raise TypeError("surrogate_probe needs a Llama/Qwen2-style decoder block")
+        raise TypeError("the surrogate probe needs a Llama/Qwen2-style decoder block")
+    return last
+
+
+@torch.no_grad()
+def surrogate_residual(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
+) -> Tensor:
+    """The residual stream entering the surrogate's last MLP at ``rows``
+    (``[N, d]``): everything below the probed layer, run once."""
+    last = _last_block(model)
     captured: dict[str, Tensor] = {}
 
     def grab(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -151,11 +154,17 @@ def surrogate_probe(
 
     handle = last.post_attention_layernorm.register_forward_pre_hook(grab)
     try:
-        with torch.no_grad():
-            model.model(input_ids=input_ids, attention_mask=attention_mask)
+        model.model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
-    residual = captured["residual"][rows[:, 0], rows[:, 1]].detach()
+    return captured["residual"][rows[:, 0], rows[:, 1]].detach()
+
+
+def probe_from_residual(model: nn.Module, residual: Tensor) -> SurrogateProbe:
+    """The surrogate seen through its last MLP (the layer below the LM head),
+    from the rows' residual (:func:`surrogate_residual`): what remains (last
+    MLP, final norm, LM head) is position-wise, so only the rows are touched."""
+    last = _last_block(model)
     params = list(last.mlp.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -165,3 +174,10 @@ def surrogate_probe(
         return model.get_output_embeddings()(model.model.norm(h)).float()
 
     return SurrogateProbe(logits=logits, params=params)
+
+
+def surrogate_probe(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
+) -> SurrogateProbe:
+    """:func:`probe_from_residual` of the rows of one batch."""
+    return probe_from_residual(model, surrogate_residual(model, input_ids, attention_mask, rows))

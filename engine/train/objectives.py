@@ -124,6 +124,80 @@ def student_loss(
     return (1 - alpha) * sft + alpha * kd
 
 
+UTILITIES = ("ce", "ce_correct", "teacher_ce", "kl")
+
+
+def utility_loss(t: Tensor, z: Tensor, labels: Tensor, kind: str = "ce") -> Tensor:
+    """What keeps the transform useful, on transformed logits ``t`` (raw ``z``):
+
+    ``ce``: ``CE(t, y)`` on every labelled row (the seed's; on text the
+    teacher is often wrong, and this teaches ``T`` to overrule it);
+    ``ce_correct``: the same on the rows where ``argmax z = y`` only;
+    ``teacher_ce``: ``CE(t, argmax z)``, the teacher's own answers;
+    ``kl``: ``KL(softmax(z) ‖ softmax(t))``, the whole distribution.
+    Means over the rows it covers (0 where it covers none).
+    """
+    if kind not in UTILITIES:
+        raise ValueError(f"utility must be one of {UTILITIES}, got {kind!r}")
+    valid = labels != IGNORE_INDEX
+    if kind == "kl":
+        log_t = torch.log_softmax(t[valid].float(), -1)
+        p = torch.softmax(z[valid].float(), -1)
+        return F.kl_div(log_t, p, reduction="sum") / valid.sum().clamp_min(1)
+    answer = z.argmax(-1)
+    target = {
+        "ce": labels,
+        "ce_correct": torch.where(answer == labels, labels, IGNORE_INDEX),
+        "teacher_ce": torch.where(valid, answer, IGNORE_INDEX),
+    }[kind]
+    if not bool((target != IGNORE_INDEX).any()):
+        return t.sum() * 0.0
+    return F.cross_entropy(t.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def gradient_cosine(
+    teacher_logits: Tensor,
+    transformed: Tensor,
+    labels: Tensor,
+    surrogate: SurrogateProbe,
+    alpha: float = 0.5,
+    create_graph: bool = True,
+) -> Tensor:
+    """``cos(g, g′)``: the surrogate's gradients of :func:`student_loss` with the
+    raw and with the purified teacher (``softmax(transformed)``).
+
+    In closed form: with ``s`` the student's logits and ``n`` the labelled rows,
+    ``∂ student_loss / ∂s = ((1−α)(softmax(s) − e_y) + α(softmax(s) − p)) / n``,
+    so ``g = Jᵀδ`` and ``g′ = g + (α/n)·Jᵀ(p − p′)``: one vector-Jacobian
+    product per gradient through the surrogate's last MLP and head, no loss
+    graph over ``[N, V]``. ``g′`` is linear in the purified probabilities, so
+    with ``create_graph`` the cosine is differentiable in the transform.
+    """
+    student = surrogate.logits()
+    if student.shape != teacher_logits.shape:
+        raise ValueError(
+            f"surrogate logits {tuple(student.shape)} do not match teacher logits "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    valid = (labels != IGNORE_INDEX).unsqueeze(1)
+    n = valid.sum().clamp_min(1)
+    with torch.no_grad():
+        p = torch.softmax(teacher_logits.float(), dim=-1)
+        delta = torch.softmax(student.float(), dim=-1) - alpha * p
+        safe = labels.clamp_min(0).unsqueeze(1)
+        delta.scatter_add_(1, safe, torch.full_like(safe, alpha - 1, dtype=delta.dtype))
+        delta = delta * valid / n
+    g = torch.autograd.grad((delta * student).sum(), surrogate.params, retain_graph=True)
+    change = alpha * (p - torch.softmax(transformed, dim=-1)) * valid / n
+    diff = torch.autograd.grad(
+        (change * student).sum(), surrogate.params, create_graph=create_graph
+    )
+    dot = sum((a * (a + b)).sum() for a, b in zip(g, diff, strict=True))
+    norm_g = torch.sqrt(sum((a**2).sum() for a in g))
+    norm_new = torch.sqrt(sum(((a + b) ** 2).sum() for a, b in zip(g, diff, strict=True)))
+    return dot / (norm_g * norm_new).clamp_min(1e-12)
+
+
 def gradient_misalignment_loss(
     teacher_logits: Tensor,
     labels: Tensor,
@@ -131,37 +205,16 @@ def gradient_misalignment_loss(
     surrogate: SurrogateProbe,
     lam: float = 1.0,
     alpha: float = 0.5,
+    utility: str = "ce",
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """``CE(T(z), y) + λ·cos(g, g′)``: the seed paper's objective.
-
-    ``g``/``g′`` are the surrogate's gradients of ``student_loss`` with the raw
-    / purified teacher probabilities. ``g′`` is linear in the purified
-    probabilities, so the cosine is differentiable in the transform through a
-    double backward (a vector-Jacobian product through the surrogate).
-    """
+    """``U(T(z)) + λ·cos(g, g′)``: the seed paper's objective (``U`` = CE by
+    default; :func:`utility_loss`), the cosine from :func:`gradient_cosine`.
+    With ``lam = 0`` (a utility-only warm-up) the cosine is only measured."""
     t = _transformed(teacher_logits, labels, transform)
-    student = surrogate.logits()
-    if student.shape != teacher_logits.shape:
-        raise ValueError(
-            f"surrogate logits {tuple(student.shape)} do not match teacher logits "
-            f"{tuple(teacher_logits.shape)}"
-        )
-    raw_probs = torch.softmax(teacher_logits.float(), dim=-1)
-    g = torch.autograd.grad(
-        student_loss(student, raw_probs, labels, alpha), surrogate.params, retain_graph=True
-    )
-    g_new = torch.autograd.grad(
-        student_loss(student, torch.softmax(t, dim=-1), labels, alpha),
-        surrogate.params,
-        create_graph=True,
-    )
-    dot = sum((a.detach() * b).sum() for a, b in zip(g, g_new, strict=True))
-    norm_g = torch.sqrt(sum((a.detach() ** 2).sum() for a in g))
-    norm_new = torch.sqrt(sum((b**2).sum() for b in g_new))
-    cos = dot / (norm_g * norm_new).clamp_min(1e-12)
-    ce = F.cross_entropy(t, labels, ignore_index=IGNORE_INDEX)
-    loss = ce + lam * cos
+    cos = gradient_cosine(teacher_logits, t, labels, surrogate, alpha, create_graph=lam != 0)
+    u = utility_loss(t, teacher_logits, labels, utility)
+    loss = u + lam * cos if lam != 0 else u
     if return_stats:
-        return loss, {"ce": float(ce.detach()), "cos": float(cos.detach())}
+        return loss, {"utility": float(u.detach()), "cos": float(cos.detach())}
     return loss
