@@ -208,6 +208,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serve_app(args: argparse.Namespace) -> Any:
     """The app ``cmiguard serve`` runs, from its arguments."""
+    import math
+    import os
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
@@ -215,8 +218,21 @@ def serve_app(args: argparse.Namespace) -> Any:
     from cmiguard.train.models import load_teacher
 
     device = _device(args.device)
-    if args.temperature is not None and not (args.transform and args.temperature > 0):
-        raise ValueError("--temperature needs --transform and a value > 0")
+    if args.temperature is not None and not (
+        args.transform and math.isfinite(args.temperature) and args.temperature >= 1e-3
+    ):
+        raise ValueError("--temperature needs --transform and a finite value >= 0.001")
+    # built (and so checked) before the model loads: a bad limit fails at once
+    config = ServerConfig(
+        model_name=args.name,
+        api_key=args.api_key or os.environ.get("CMIGUARD_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        timeout_s=args.timeout,
+        echo=args.echo,
+    )
     if args.model == "teacher":
         model, tokenizer = load_teacher()
     else:
@@ -235,16 +251,6 @@ def serve_app(args: argparse.Namespace) -> Any:
         raise ValueError(
             "no --transform: serve a folded checkpoint with --unprotected, or pass --transform"
         )
-    config = ServerConfig(
-        model_name=args.name,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
-        timeout_s=args.timeout,
-        echo=args.echo,
-    )
     return create_app(model, tokenizer, transform, config)
 
 
@@ -418,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="smollm2-135m-cmiguard", help="the model id clients ask for")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (or set CMIGUARD_API_KEY: not visible in ps)",
+    )
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=1024)

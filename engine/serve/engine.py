@@ -4,8 +4,11 @@ batches through ``generate()``, a row per choice.
 Requests with the same sampling settings share a batch; each step's logits
 go through the transform before anything (sampling, ``logprobs``,
 ``top_logprobs``) sees them. A streamed request's pieces are handed to it as
-the batch runs. With a folded model the transform is already in the LM head
-and the worker runs with ``transform=None``.
+the batch runs. A request that times out or whose client leaves is
+abandoned: its rows stop within one decoding step, and a batch whose rows
+are all abandoned ends. A batch that fails is run again a request at a
+time, so a bad request fails alone. With a folded model the transform is
+already in the LM head and the worker runs with ``transform=None``.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from cmiguard.serve.generation import purify_padded
+from cmiguard.serve.metrics import ServerMetrics
 from cmiguard.serve.protocol import ApiError
 from cmiguard.serve.replies import Reply
 from cmiguard.transforms import LogitTransform
@@ -50,10 +55,31 @@ class Job:
     # the index of its first choice in the reply: a request with several
     # prompts is a job per prompt, streaming into one shared ``chunks``
     first_index: int = 0
+    # set (from the event loop) when nobody waits for the result any more;
+    # read by the worker thread between decoding steps
+    abandoned: threading.Event = field(default_factory=threading.Event, repr=False)
+    # a streamed job has had pieces sent: it cannot be run again
+    streaming_started: bool = False
 
     def sampling(self) -> tuple[float, float, int | None]:
         """What a batch must share: one ``generate`` call samples every row alike."""
         return self.temperature, self.top_p, self.seed
+
+    def abandon(self) -> None:
+        """The client timed out or left: stop its rows, drop its result."""
+        self.abandoned.set()
+        self.future.cancel()
+
+
+class Abandoned(StoppingCriteria):
+    """Ends each row whose job was abandoned, at the next decoding step."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        done = [job.abandoned.is_set() for job in self.jobs]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class CaptureLogits(LogitsProcessor):
@@ -126,9 +152,19 @@ class ServerConfig:
     max_new_tokens: int = 256
     timeout_s: float = 60.0
     max_body_bytes: int = 1 << 20
+    # a request body must arrive within this many seconds
+    body_timeout_s: float = 30.0
     # echo=true with logprobs scores any text teacher-forced: the query a
     # distillation attacker makes, so a provider may turn it off
     echo: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("timeout_s", "body_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds")
 
 
 class Engine:
@@ -140,11 +176,13 @@ class Engine:
         tokenizer: Any,
         transform: LogitTransform | None,
         config: ServerConfig,
+        metrics: ServerMetrics | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.transform = transform
         self.config = config
+        self.metrics = metrics or ServerMetrics()
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -153,6 +191,7 @@ class Engine:
         self.eos_ids: set[int] = {eos} if isinstance(eos, int) else set(eos or ())
         self.worker: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.batch_running = False
 
     def enqueue(self, jobs: list[Job]) -> None:
         """Queue a request's jobs: all of them, or none and a 429."""
@@ -163,6 +202,7 @@ class Engine:
             )
         for job in jobs:
             self.queue.put_nowait(job)
+        self.metrics.queue_depth.set(self.queue.qsize())
 
     async def submit(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         """Each job's choices' results, once all have run."""
@@ -172,8 +212,12 @@ class Engine:
             return await asyncio.wait_for(done, self.config.timeout_s)
         except TimeoutError as exc:
             for job in jobs:
-                job.future.cancel()
+                job.abandon()
             raise ApiError(504, "generation timed out", "timeout", "server_error") from exc
+        except asyncio.CancelledError:  # the client left
+            for job in jobs:
+                job.abandon()
+            raise
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -187,21 +231,42 @@ class Engine:
                 rows += job.n if fits else 0
             for job in rest:  # other sampling settings, or too many rows: the next round
                 self.queue.put_nowait(job)
-            batch = [j for j in batch if not j.future.cancelled()]
-            if not batch:
-                continue
-            try:
-                results = await asyncio.to_thread(self.generate, batch)
-                for job, result in zip(batch, results, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(result)
-            except Exception as exc:  # a failed batch answers every request in it
-                log.exception("a batch of %d requests failed", len(batch))
-                for job in batch:
-                    if job.chunks is not None:
-                        job.chunks.put_nowait(("error", exc))
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+            self.metrics.queue_depth.set(self.queue.qsize())
+            batch = [j for j in batch if not j.abandoned.is_set()]
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[Job]) -> None:
+        """One batch; if it fails, each request alone, so only a bad one fails."""
+        self.batch_running = True
+        try:
+            results = await asyncio.to_thread(self.generate, batch)
+        except Exception as exc:
+            # a stream that has pieces out cannot start again: it gets the error
+            again = [j for j in batch if not j.streaming_started] if len(batch) > 1 else []
+            if again:
+                self.metrics.batches.labels("split").inc()
+                for job in again:
+                    await self._run([job])
+            failed = [j for j in batch if j not in again]
+            if failed:
+                log.exception("a request failed")
+                self.metrics.batches.labels("failed").inc()
+            for job in failed:
+                if job.chunks is not None:
+                    job.chunks.put_nowait(("error", exc))
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        finally:
+            self.batch_running = False
+        self.metrics.batches.labels("ok").inc()
+        for job, result in zip(batch, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+            generated = sum(r["completion_tokens"] for r in result)
+            self.metrics.tokens.labels("prompt").inc(len(job.prompt_ids))
+            self.metrics.tokens.labels("completion").inc(generated)
 
     @torch.no_grad()
     def generate(self, batch: list[Job]) -> list[list[dict[str, Any]]]:
@@ -222,13 +287,14 @@ class Engine:
             Reply(j.stop, j.max_tokens, j.chunks is not None, decode, self.eos_ids) for j in jobs
         ]
 
-        echoed = {}  # row -> the prompt's logprobs entries
+        echoed = {}  # row -> the prompt's logprobs entries; all before any piece is sent
         for row, job in enumerate(jobs):
             if job.echo is not None:
                 again = row > 0 and jobs[row - 1] is job
                 echoed[row] = echoed[row - 1] if again else self._prompt_entries(job, device)
-                if job.chunks is not None:  # the prompt is each choice's first piece
-                    self._put(job, ("delta", index[row], job.echo, echoed[row]))
+        for row, entries in echoed.items():
+            if jobs[row].chunks is not None:  # the prompt is each choice's first piece
+                self._put(jobs[row], ("delta", index[row], jobs[row].echo, entries))
         ended: set[int] = set()
 
         def result(row: int) -> dict[str, Any]:
@@ -271,6 +337,7 @@ class Engine:
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=steps,
+                stopping_criteria=[Abandoned(jobs)],
                 do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None,
                 top_k=None,
@@ -290,6 +357,9 @@ class Engine:
         """The logprobs entries of an echoed prompt: each token's served log-prob
         given the tokens before it (the first token has none, as OpenAI's)."""
         ids, decode = job.prompt_ids, self.tokenizer.decode
+        first = {"token": decode([ids[0]]), "logprob": None, "top": None}
+        if len(ids) == 1:  # nothing before the first token to predict it from
+            return [first]
         logits = self.model(torch.tensor([ids], device=device)).logits[0, :-1]
         logprobs = torch.log_softmax(served(logits, self.transform).float(), dim=-1).cpu()
         chosen = logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
@@ -297,7 +367,6 @@ class Engine:
         if job.top_logprobs:
             values, tokens = logprobs.topk(job.top_logprobs, dim=-1)
             top = [self._top(v, t) for v, t in zip(values, tokens, strict=True)]
-        first = {"token": decode([ids[0]]), "logprob": None, "top": None}
         return [first] + [
             {"token": decode([t]), "logprob": lp, "top": tp}
             for t, lp, tp in zip(ids[1:], chosen, top, strict=True)
@@ -305,6 +374,7 @@ class Engine:
 
     def _put(self, job: Job, item: tuple) -> None:
         """Hand a piece to the request from the worker thread."""
+        job.streaming_started = True
         self.loop.call_soon_threadsafe(job.chunks.put_nowait, item)
 
     def _entry(

@@ -33,8 +33,13 @@ class Reply:
         self.entries: list[dict[str, Any]] = []
         self.text = ""  # the text of ``tokens``: after each token if streamed, else at close
         self.ends: list[int] = []  # where the text of tokens[: i + 1] ends
-        self.finish: str | None = None
+        # max_tokens = 0 (echo scoring): done before any token, whatever its batch-mates ask
+        self.finish: str | None = "length" if max_tokens <= 0 else None
         self.sent_tokens, self.sent_text = 0, ""
+        # no stop sequence starts before here: each new token's text is searched
+        # from where a stop could still begin, not from the start (no O(n²) rescans)
+        self.searched = 0
+        self.longest = max((len(s) for s in stops), default=0)
 
     def add(self, token: int, entry: Callable[[], dict[str, Any]]) -> None:
         """The next generated token; ``entry`` makes its logprobs entry."""
@@ -66,8 +71,10 @@ class Reply:
 
     def _cut_at_stop(self, text: str) -> bool:
         """End the reply if ``text``, that of the tokens so far, holds a stop sequence."""
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        since = max(0, self.searched - self.longest + 1)
+        found = [i for i in (text.find(s, since) for s in self.stops) if i >= 0]
         if not found:
+            self.searched = len(text)
             return False
         start = min(found)
         keep = next(i for i, end in enumerate(self.ends) if end > start)
@@ -86,9 +93,11 @@ class Reply:
         return text, entries
 
     def _unsafe(self, piece: str) -> bool:
-        """Ends in half a character, or in the start of a stop sequence."""
+        """Ends in half a character, or in the start of a stop sequence (only the
+        last ``longest`` characters can hold one)."""
+        tail = piece[-self.longest :] if self.longest else ""
         return piece.endswith("\ufffd") or any(
-            piece.endswith(s[:n]) for s in self.stops for n in range(1, len(s))
+            tail.endswith(s[:n]) for s in self.stops for n in range(1, len(s))
         )
 
     def result(self) -> dict[str, Any]:

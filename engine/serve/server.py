@@ -3,9 +3,12 @@
 The routes shape requests into jobs for the generation worker
 (:mod:`cmiguard.serve.engine`) and its results into OpenAI replies: whole, or as
 server-sent events while the batch runs. ``echo`` scores the prompt
-teacher-forced, with the same purified log-probs. Bad requests get
-OpenAI-style 4xx errors, never 500; a failed batch answers 500 (streamed: an
-error event) and is logged.
+teacher-forced, with the same purified log-probs. Every request is checked
+before it reaches a batch (:mod:`cmiguard.serve.protocol`, and the body and
+key in :mod:`cmiguard.serve.limits`); errors are OpenAI-shaped, bad input a
+4xx, never a 5xx. Tokenising runs off the event loop; a request that times
+out or whose client leaves stops its rows. ``/health``, ``/metrics``
+(Prometheus) and ``/v1/models/{id}`` beside the two endpoints.
 """
 
 from __future__ import annotations
@@ -21,21 +24,28 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 from torch import nn
 
 from cmiguard.serve.engine import Engine, Job, ServerConfig
+from cmiguard.serve.limits import RequestGuard
+from cmiguard.serve.metrics import ServerMetrics
 from cmiguard.serve.protocol import ApiError, ChatRequest, CompletionRequest, Options
 from cmiguard.transforms import LogitTransform
 
 __all__ = ["ServerConfig", "create_app"]
+# a prompt longer than this many characters per allowed token is refused untokenised
+CHARS_PER_TOKEN = 64
 
 
 def create_app(
     model: nn.Module, tokenizer: Any, transform: LogitTransform | None, config: ServerConfig
 ) -> FastAPI:
     """The FastAPI app; run it with uvicorn (``cmiguard serve`` does)."""
-    engine = Engine(model.eval(), tokenizer, transform, config)
+    metrics = ServerMetrics()
+    engine = Engine(model.eval(), tokenizer, transform, config, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -46,59 +56,83 @@ def create_app(
     app = FastAPI(title="cmiguard", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
 
-    def error(
-        status: int, message: str, code: str, kind: str = "invalid_request_error"
-    ) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": message, "type": kind, "code": code}}, status_code=status
-        )
+    def observe(path: str, status: int, seconds: float) -> None:
+        route = path if path in ROUTES else "other"
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(seconds)
+
+    app.add_middleware(
+        RequestGuard,
+        api_key=config.api_key,
+        max_bytes=config.max_body_bytes,
+        timeout_s=config.body_timeout_s,
+        observe=observe,
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.message, exc.code, exc.kind)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            ApiError(exc.status_code, str(exc.detail), code).body(), exc.status_code
+        )
 
     @app.exception_handler(Exception)
     async def failed(_: Request, exc: Exception) -> JSONResponse:
         # the cause is logged, not handed to clients
-        return error(500, "generation failed", "internal_error", "server_error")
+        err = ApiError(500, "generation failed", "internal_error", "server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(
-            400, f"invalid request: {where} {first.get('msg', '')}".strip(), "invalid_request"
+        where = _field_path(first.get("loc", ()))
+        what = first.get("msg", "")
+        if first.get("type") == "extra_forbidden":
+            what = "is not a field this server knows (refused rather than ignored)"
+        err = ApiError(
+            400, f"invalid request: {where} {what}".strip(), "invalid_request", param=where or None
         )
+        return JSONResponse(err.body(), status_code=400)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-            return error(401, "missing or wrong API key", "invalid_api_key", "authentication_error")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > config.max_body_bytes:
-            return error(413, f"request body over {config.max_body_bytes} bytes", "body_too_large")
-        return await call_next(request)
-
-    def check(model_name: str, prompt_ids: list[int], max_tokens: int) -> None:
-        if model_name != config.model_name:
+    def check_model(name: str) -> None:
+        if name != config.model_name:
             raise ApiError(
                 404,
-                f"model {model_name!r} not found; this server has {config.model_name!r}",
+                f"model {name!r} not found; this server has {config.model_name!r}",
                 "model_not_found",
+                param="model",
             )
+
+    def check(prompt_ids: list[int], max_tokens: int, where: str = "prompt") -> None:
         if not prompt_ids:
-            raise ApiError(400, "prompt is empty", "invalid_request")
+            raise ApiError(400, f"{where} is empty", "invalid_request", param=where)
         if len(prompt_ids) > config.max_prompt_tokens:
             raise ApiError(
                 400,
-                f"prompt has {len(prompt_ids)} tokens, the limit is {config.max_prompt_tokens}",
+                f"{where} has {len(prompt_ids)} tokens, the limit is {config.max_prompt_tokens}",
                 "context_length_exceeded",
+                param=where,
             )
         if max_tokens > config.max_new_tokens:
             raise ApiError(
                 400,
                 f"max_tokens {max_tokens} is over the limit {config.max_new_tokens}",
                 "max_tokens_too_large",
+                param="max_tokens",
+            )
+
+    def check_length(text: str, where: str) -> None:
+        """Refuse a text too long to fit before spending time tokenising it."""
+        if len(text) > CHARS_PER_TOKEN * config.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"{where} has {len(text)} characters, over any {config.max_prompt_tokens} tokens",
+                "context_length_exceeded",
+                param=where,
             )
 
     def new_job(
@@ -106,6 +140,7 @@ def create_app(
         prompt_ids: list[int],
         max_tokens: int,
         top: int,
+        stops: tuple[str, ...],
         echo: str | None = None,
         rows: int | None = None,
         first_index: int = 0,
@@ -117,15 +152,16 @@ def create_app(
                 400,
                 f"{rows} choices (n, best_of) are over this server's batch of {config.max_batch}",
                 "invalid_request",
+                param="n",
             )
         return Job(
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            temperature=req.temperature,
+            temperature=req.sampling_temperature(),
             top_logprobs=top,
             seed=req.seed,
             future=asyncio.get_running_loop().create_future(),
-            stop=req.checked_stops(),
+            stop=stops,
             top_p=req.top_p,
             echo=echo,
             presence_penalty=req.presence_penalty,
@@ -141,9 +177,12 @@ def create_app(
         "chat": ("chatcmpl", "chat.completion", "chat.completion.chunk"),
     }
 
-    async def answer(req: Options, jobs: list[Job], kind: str, choice: Choice) -> Any:
+    async def answer(
+        request: Request, req: Options, jobs: list[Job], kind: str, choice: Choice
+    ) -> Any:
         """The whole reply, or (``stream``) its pieces as server-sent events;
-        ``choice(index, text, entries, finish_reason, streamed)`` shapes one choice."""
+        ``choice(index, text, entries, finish_reason, streamed)`` shapes one choice.
+        A client that leaves abandons its jobs (a stream: when its response ends)."""
         prefix, whole, piece = kinds[kind]
         head = {
             "id": f"{prefix}-{uuid.uuid4().hex}",
@@ -152,7 +191,11 @@ def create_app(
             "model": config.model_name,
         }
         if not req.stream:
-            per_job = await engine.submit(jobs)
+            watcher = asyncio.create_task(_abandon_on_disconnect(request, jobs))
+            try:
+                per_job = await engine.submit(jobs)
+            finally:
+                watcher.cancel()
             choices = []
             for results in per_job:
                 # best_of: the n best choices, in the order they were sampled
@@ -191,9 +234,7 @@ def create_app(
                     err = data[0]
                     if not isinstance(err, ApiError):
                         err = ApiError(500, "generation failed", "internal_error", "server_error")
-                    yield _event(
-                        {"error": {"message": err.message, "type": err.kind, "code": err.code}}
-                    )
+                    yield _event(err.body())
                     return
                 if kind == "delta":
                     yield _event(head | {"choices": [choice(*data, None, True)]})
@@ -209,41 +250,63 @@ def create_app(
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            for job in jobs:  # a client that left before its batch ran is skipped
-                job.future.cancel()
+            for job in jobs:  # a client that left: its rows stop at the next step
+                job.abandon()
+
+    card = {"id": config.model_name, "object": "model", "owned_by": "cmiguard"}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queue": engine.queue.qsize()}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": config.model_name, "object": "model", "owned_by": "cmiguard"}],
-        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return card
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(request: Request, req: CompletionRequest) -> Any:
+        check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) or _ids(req.prompt) else req.prompt
         if not prompts:
-            raise ApiError(400, "prompt is empty", "invalid_request")
+            raise ApiError(400, "prompt is empty", "invalid_request", param="prompt")
         if len(prompts) > config.max_batch:
             raise ApiError(
                 400,
                 f"{len(prompts)} prompts are over this server's batch of {config.max_batch}",
                 "invalid_request",
+                param="prompt",
             )
         if req.echo and not config.echo:
-            raise ApiError(400, "echo=true is turned off on this server", "unsupported")
+            raise ApiError(
+                400, "echo=true is turned off on this server", "unsupported", param="echo"
+            )
         best_of = req.best_of or req.n
         if best_of < req.n or (req.stream and best_of > req.n):
             raise ApiError(
-                400, "best_of must be >= n, and equal to it to stream", "invalid_request"
+                400,
+                "best_of must be >= n, and equal to it to stream",
+                "invalid_request",
+                param="best_of",
             )
+        stops = req.checked_stops()
         jobs, offsets = [], {}  # offsets: of each choice's next token in its text
         for p, prompt in enumerate(prompts):
-            text, prompt_ids = text_and_ids(prompt)
-            check(req.model, prompt_ids, req.max_tokens)
+            text, prompt_ids = await text_and_ids(prompt)
+            check(prompt_ids, req.max_tokens)
             echo = text if req.echo else None
             top = req.logprobs or 0
-            jobs.append(new_job(req, prompt_ids, req.max_tokens, top, echo, best_of, p * req.n))
+            jobs.append(
+                new_job(req, prompt_ids, req.max_tokens, top, stops, echo, best_of, p * req.n)
+            )
             offsets |= {p * req.n + k: 0 if req.echo else len(text) for k in range(req.n)}
 
         def choice(i: int, text: str, entries: list[dict], finish: str | None, _: bool) -> dict:
@@ -261,28 +324,46 @@ def create_app(
                 }
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        return await answer(req, jobs, "completion", choice)
+        return await answer(request, req, jobs, "completion", choice)
 
-    def text_and_ids(prompt: str | list[int]) -> tuple[str, list[int]]:
-        """A prompt's text and token ids, from either."""
+    async def text_and_ids(prompt: str | list[int]) -> tuple[str, list[int]]:
+        """A prompt's text and token ids, from either (tokenised off the event loop)."""
         if isinstance(prompt, str):
-            return prompt, tokenizer.encode(prompt, add_special_tokens=False)
+            check_length(prompt, "prompt")
+            ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=False)
+            return prompt, ids
+        if len(prompt) > config.max_prompt_tokens:
+            check(prompt, 0)  # too long: refused before decoding it
         if any(not 0 <= t < len(tokenizer) for t in prompt):
             raise ApiError(
-                400, f"prompt token ids must be in [0, {len(tokenizer)})", "invalid_request"
+                400,
+                f"prompt token ids must be in [0, {len(tokenizer)})",
+                "invalid_request",
+                param="prompt",
             )
-        return tokenizer.decode(prompt), prompt
+        return await asyncio.to_thread(tokenizer.decode, prompt), prompt
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> Any:
-        messages = [m.model_dump() for m in req.messages]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        max_tokens = req.max_completion_tokens or req.max_tokens or 16
-        check(req.model, prompt_ids, max_tokens)
+    async def chat(request: Request, req: ChatRequest) -> Any:
+        check_model(req.model)
         if req.top_logprobs and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_request")
-        job = new_job(req, prompt_ids, max_tokens, req.top_logprobs or 0)
+            raise ApiError(
+                400, "top_logprobs needs logprobs=true", "invalid_request", param="top_logprobs"
+            )
+        stops = req.checked_stops()
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        check_length("".join(m["content"] for m in messages), "messages")
+
+        def tokenize() -> list[int]:
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            return tokenizer.encode(prompt, add_special_tokens=False)
+
+        prompt_ids = await asyncio.to_thread(tokenize)
+        max_tokens = req.reply_tokens()
+        check(prompt_ids, max_tokens, "messages")
+        job = new_job(req, prompt_ids, max_tokens, req.top_logprobs or 0, stops)
         started: set[int] = set()
 
         def choice(
@@ -299,9 +380,37 @@ def create_app(
             key = "delta" if streamed else "message"
             return {"index": i, key: message, "logprobs": logprobs, "finish_reason": finish}
 
-        return await answer(req, [job], "chat", choice)
+        return await answer(request, req, [job], "chat", choice)
 
     return app
+
+
+# names pydantic gives the members of a union in an error's location
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple) -> str:
+    """``prompt``, ``messages.0.content``: an error's field, without the union
+    members pydantic tried (``function-after[...]``, ``list[int]``)."""
+    parts = []
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int) or (part.isidentifier() and part not in _UNION_MEMBERS):
+            parts.append(str(part))
+        else:
+            break
+    return ".".join(parts)
+
+
+# the routes the metrics name; anything else counts as "other"
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+async def _abandon_on_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Abandon the jobs of a client that has left (its rows stop at the next step)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+    for job in jobs:
+        job.abandon()
 
 
 def _event(data: dict[str, Any]) -> str:
