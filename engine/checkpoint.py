@@ -1,11 +1,15 @@
-"""Transform files (safetensors + metadata) and atomic training checkpoints."""
+"""Transform files (safetensors + metadata, or a Hub-style directory) and
+atomic training checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,9 @@ from cmiguard.transforms import FAMILIES, LogitTransform, make_transform
 
 FORMAT = "cmiguard-transform"
 FORMAT_VERSION = "1"
+# a Hub-style transform directory: the metadata as JSON, the tensors beside it
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "transform.safetensors"
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:
@@ -41,14 +48,30 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
             os.unlink(tmp)
 
 
-def save_transform(
-    transform: LogitTransform,
-    path: str | os.PathLike,
-    vocab_fingerprint: str = "",
-) -> None:
-    """Write ``transform`` as safetensors with the metadata :func:`load_transform` checks."""
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in transform.state_dict().items()}
-    metadata = {
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory beside ``path`` that replaces it when the block
+    ends without error (and is removed when it does not): no half-written
+    directory is ever at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _metadata(transform: LogitTransform, vocab_fingerprint: str) -> dict[str, str]:
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "family": transform.family,
@@ -60,12 +83,37 @@ def save_transform(
         # empty: no argmax guard (files written before the guard existed have none)
         "guard_margin": "" if transform.guard_margin is None else repr(transform.guard_margin),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _tensors(transform: LogitTransform) -> dict[str, Any]:
+    return {k: v.detach().float().contiguous().cpu() for k, v in transform.state_dict().items()}
+
+
+def save_transform(
+    transform: LogitTransform,
+    path: str | os.PathLike,
+    vocab_fingerprint: str = "",
+) -> None:
+    """Write ``transform`` as safetensors with the metadata :func:`load_transform` checks."""
+    metadata = _metadata(transform, vocab_fingerprint)
+    atomic_write(path, lambda tmp: save_file(_tensors(transform), tmp, metadata=metadata))
+
+
+def save_pretrained(
+    transform: LogitTransform, directory: str | os.PathLike, vocab_fingerprint: str = ""
+) -> None:
+    """A Hub-style transform directory: ``config.json`` (family, sizes,
+    temperature, guard, the vocabulary fingerprint) and ``transform.safetensors``,
+    written atomically. :func:`load_transform` reads it (and single files)."""
+    metadata = _metadata(transform, vocab_fingerprint)
+    with atomic_directory(directory) as tmp:
+        save_file(_tensors(transform), str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(metadata, indent=1) + "\n")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a transform file, or a clear error for anything else."""
-    path = Path(path)
+    """The metadata of a transform file or directory, or a clear error for anything else."""
+    path = _weights(Path(path))
     if not path.is_file():
         raise FileNotFoundError(f"transform file not found: {path}")
     try:
@@ -85,6 +133,38 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     if metadata.get("family") not in FAMILIES:
         raise ValueError(f"{path} has unknown transform family {metadata.get('family')!r}")
     return metadata
+
+
+def _weights(path: Path) -> Path:
+    """The safetensors file of a transform given as a file or a directory; a
+    directory's config.json must agree with the file it holds."""
+    if not path.is_dir():
+        return path
+    weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not (weights.is_file() and config.is_file()):
+        raise FileNotFoundError(f"{path} is not a transform directory: needs {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}")  # fmt: skip
+    try:
+        declared = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config} is not valid JSON ({exc})") from exc
+    with safe_open(str(weights), framework="pt") as f:
+        stored = f.metadata() or {}
+    if declared != stored:
+        raise ValueError(f"{config} does not describe {weights} (was one of them replaced?)")
+    return weights
+
+
+def from_pretrained(
+    directory: str | os.PathLike,
+    vocab_size: int | None = None,
+    vocab_fingerprint: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LogitTransform:
+    """Load a directory written by :func:`save_pretrained` (the same checks)."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"transform directory not found: {directory}")
+    return load_transform(directory, vocab_size, vocab_fingerprint, device)
 
 
 def load_transform(
@@ -118,7 +198,7 @@ def load_transform(
         kwargs["bias"] = metadata.get("bias") == "True"
     transform = make_transform(family, file_vocab, int(metadata["rank"]), **kwargs)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(_weights(Path(path))), framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         transform.load_state_dict(state)
     except Exception as exc:

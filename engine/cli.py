@@ -43,7 +43,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--guard-margin",
         type=float,
         default=d.guard_margin,
-        help="keep each row's raw argmax on top by this margin (a negative value: no guard)",
+        help="keep each row's raw argmax on top by this margin",
+    )
+    p.add_argument(
+        "--no-guard",
+        dest="guard_margin",
+        action="store_const",
+        const=None,
+        help="no argmax guard (a guarded transform cannot be folded into an LM head)",
     )
     p.add_argument("--utility", choices=UTILITIES, default=d.utility)
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -67,29 +74,30 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` fields the command line sets (same names)."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    if values.get("guard_margin") is not None and values["guard_margin"] < 0:
-        values["guard_margin"] = None
     return TrainConfig(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import vocab_fingerprint
+    from cmiguard.train.corpus import load_examples
     from cmiguard.train.demo import DemoConfig, demo_data
-    from cmiguard.train.models import load_teacher
+    from cmiguard.train.models import load_model
     from cmiguard.train.surrogate import make_surrogate
     from cmiguard.train.trainer import train
 
     device = _device(args.device)  # a bad one fails before the teacher loads
     config = _config(args)
-    teacher, tokenizer = load_teacher()
-    data = DemoConfig(
-        calibration_articles=args.articles,
-        validation_articles=args.validation_articles,
-        max_tokens=args.max_tokens,
-        questions=args.questions,
-    )
-    examples, validation = demo_data(tokenizer, data)
-    teacher.to(device)
+    teacher, tokenizer = load_model(args.model, args.dtype, device)
+    if args.data:  # a provider's rows: the held-out share is the selection rule's
+        examples, validation = load_examples(args.data, tokenizer, args.max_tokens, seed=args.seed)
+    else:
+        data = DemoConfig(
+            calibration_articles=args.articles,
+            validation_articles=args.validation_articles,
+            max_tokens=args.max_tokens,
+            questions=args.questions,
+        )
+        examples, validation = demo_data(tokenizer, data)
     surrogate = None
     if config.objective == "paper":
         surrogate = make_surrogate(
@@ -175,27 +183,35 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
     from cmiguard.fold import fold_into_lm_head
+    from cmiguard.train.models import load_model
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    rows = model.get_output_embeddings().weight.shape[0]
+    transform = load_transform(
+        args.transform, vocab_size=rows, vocab_fingerprint=vocab_fingerprint(tokenizer)
+    )
+    fold_into_lm_head(model, transform)
+    # written whole or not at all: a folded checkpoint half on disk would serve raw logits
+    from cmiguard.checkpoint import atomic_directory
+
+    with atomic_directory(args.out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"folded model written to {args.out}")
+    return 0
+
+
+def cmd_export_teacher(args: argparse.Namespace) -> int:
+    from cmiguard.checkpoint import atomic_directory
     from cmiguard.train.models import load_teacher
 
-    if args.model == "teacher":
-        model, tokenizer = load_teacher()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError):
-            tokenizer = None
-    rows = model.get_output_embeddings().weight.shape[0]
-    fingerprint = vocab_fingerprint(tokenizer) if tokenizer is not None else None
-    transform = load_transform(args.transform, vocab_size=rows, vocab_fingerprint=fingerprint)
-    fold_into_lm_head(model, transform).save_pretrained(args.out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
-    print(f"folded model written to {args.out}")
+    model, tokenizer = load_teacher()
+    with atomic_directory(args.out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"SmolLM2-135M-Instruct written to {args.out} (a plain Hugging Face directory)")
     return 0
 
 
@@ -211,11 +227,9 @@ def serve_app(args: argparse.Namespace) -> Any:
     import math
     import os
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
     from cmiguard.serve.server import ServerConfig, create_app
-    from cmiguard.train.models import load_teacher
+    from cmiguard.train.models import load_model
 
     device = _device(args.device)
     if args.temperature is not None and not (
@@ -233,12 +247,7 @@ def serve_app(args: argparse.Namespace) -> Any:
         timeout_s=args.timeout,
         echo=args.echo,
     )
-    if args.model == "teacher":
-        model, tokenizer = load_teacher()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model.to(device)
+    model, tokenizer = load_model(args.model, args.dtype, device)
     transform = None
     if args.transform:
         rows = model.get_output_embeddings().weight.shape[0]
@@ -258,32 +267,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cmiguard.attack.defenses import parse
     from cmiguard.attack.evaluation import ATTACKS, QUICK_ATTACKS, EvalConfig, evaluate
     from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.train.corpus import load_examples
     from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
     from cmiguard.train.demo import DemoConfig, run_demo
-    from cmiguard.train.models import load_teacher
+    from cmiguard.train.models import load_model
 
     out = Path(args.out)
-    teacher, tokenizer = load_teacher()
+    teacher, tokenizer = load_model(args.model, args.dtype)
     if args.transform is None:
         args.transform = out / "transform.safetensors"
         if not args.transform.exists():  # a resumed run keeps the transform it started with
-            run_demo(DemoConfig(), out_dir=out, progress=not args.json)
+            run_demo(DemoConfig(), out_dir=out, progress=not args.json, model=(teacher, tokenizer))
     fingerprint = vocab_fingerprint(tokenizer)
-    transforms = {
-        "cmiguard": load_transform(args.transform, teacher.config.vocab_size, fingerprint)
-    }
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    transforms = {"cmiguard": load_transform(args.transform, vocab, fingerprint)}
     for item in args.cmiguard:  # label=path: a further learned defense, cmiguard@label
         label, _, path = item.partition("=")
         if not (label and path):
             raise ValueError(f"--cmiguard takes LABEL=PATH, got {item!r}")
-        transforms[f"cmiguard@{label}"] = load_transform(
-            path, teacher.config.vocab_size, fingerprint
-        )
+        transforms[f"cmiguard@{label}"] = load_transform(path, vocab, fingerprint)
     articles, held, steps = (
         (24, 8, 20) if args.quick else (args.articles, args.heldout_articles, args.steps)
     )
-    calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
-    heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
+    choices = []
+    if args.data:  # a provider's rows: students learn on one share and are scored on the other
+        calibration, heldout = load_examples(args.data, tokenizer, 64, seed=args.seed)
+        if not heldout:
+            raise ValueError(f"{args.data}: no held-out rows to score students on")
+    else:
+        calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
+        heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
+        choices = choice_questions(tokenizer, capital_choices("heldout"))
     config = EvalConfig(steps=steps, seed=args.seed, autocast=args.autocast, progress=not args.json)
     if args.quick:  # a smoke run inside 10 minutes on 2 cores, not a finding
         config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "sharpen@0.5")
@@ -295,7 +309,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config.defenses = tuple(dict.fromkeys([*config.defenses, *transforms.keys() - {"cmiguard"}]))
     for name in config.defenses:
         parse(name)  # a bad name fails before any student trains
-    choices = choice_questions(tokenizer, capital_choices("heldout"))
     results = evaluate(
         teacher, transforms, calibration, heldout, tokenizer.pad_token_id, config, out, choices
     )
@@ -318,6 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from cmiguard.train.demo import DemoConfig, default_train_config, run_demo
+    from cmiguard.train.models import load_model
 
     train = default_train_config()
     config = DemoConfig(
@@ -327,7 +341,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         surrogate_steps=args.surrogate_steps,
         train=replace(train, epochs=args.epochs or train.epochs),
     )
-    metrics = run_demo(config, out_dir=args.out, progress=not args.json)
+    model = load_model(args.model, args.dtype)
+    metrics = run_demo(config, out_dir=args.out, progress=not args.json, model=model)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -355,13 +370,30 @@ def print_table(metrics: dict[str, float]) -> None:
 
 
 DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1"
+DATA_HELP = (
+    "your rows instead of the bundled Wikipedia/geography ones: .jsonl, .json, .parquet, "
+    ".csv or a saved datasets directory, with a 'text' column (next-token rows) or "
+    "'prompt' and 'answer' columns (the answer teacher-forced); an optional 'split' column"
+)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="teacher",
+        help="a local Hugging Face causal-LM directory (safetensors or one .gguf), or "
+        "'teacher' (the bundled SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmiguard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a transform on the SmolLM2 teacher")
+    p = sub.add_parser("train", help="train a transform for a model (default: the bundled teacher)")
+    _model_args(p)
+    p.add_argument("--data", default=None, help=DATA_HELP)
     _train_args(p)
     p.add_argument("--articles", type=int, default=96, help="calibration Wikipedia summaries")
     p.add_argument(
@@ -398,17 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("fold", help="fold a transform into a model's LM head and save it")
-    p.add_argument(
-        "--model", default="teacher", help="a transformers checkpoint folder, or 'teacher'"
-    )
+    _model_args(p)
     p.add_argument("--transform", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_fold)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible server with purified logprobs")
-    p.add_argument(
-        "--model", default="teacher", help="a transformers checkpoint folder, or 'teacher'"
+    p = sub.add_parser(
+        "export-teacher", help="write the bundled teacher as a plain Hugging Face model directory"
     )
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export_teacher)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with purified logprobs")
+    _model_args(p)
     p.add_argument("--transform", default=None, help="transform applied to every step's logits")
     p.add_argument(
         "--temperature",
@@ -444,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="distil students with each attack, raw vs defended")
+    _model_args(p)
+    p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--transform", default=None, help="default: train one as the demo does")
     p.add_argument("--quick", action="store_true", help="3 attacks x 3 defenses, small data")
     # 96 articles seen 5 times: the regime where KD measurably beats SFT (a
@@ -474,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
+    _model_args(p)
     p.add_argument("--articles", type=int, default=96)
     p.add_argument("--heldout-articles", type=int, default=32)
     p.add_argument("--epochs", type=int, default=None, help="default: the measured best's")

@@ -68,6 +68,29 @@ class LogitTransform(nn.Module):
         """LM-head ``(E', c')`` such that ``h E'ᵀ + c' = T(h Eᵀ + c)``."""
         raise NotImplementedError
 
+    def save_pretrained(self, directory: str, vocab_fingerprint: str = "") -> None:
+        """A Hub-style directory (``config.json`` + ``transform.safetensors``)."""
+        from cmiguard.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, vocab_fingerprint)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str,
+        vocab_size: int | None = None,
+        vocab_fingerprint: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> LogitTransform:
+        """Load a directory written by :meth:`save_pretrained`, refusing another
+        vocabulary (``vocab_size`` / ``vocab_fingerprint``) or another family."""
+        from cmiguard.checkpoint import from_pretrained
+
+        transform = from_pretrained(directory, vocab_size, vocab_fingerprint, device)
+        if not isinstance(transform, cls):
+            raise TypeError(f"{directory} holds a {type(transform).__name__}, not a {cls.__name__}")
+        return transform
+
     @torch.no_grad()
     def distance_from_identity(self) -> float:
         """``‖M − I‖_F`` of the linear part plus ``‖b‖`` of the bias: how far

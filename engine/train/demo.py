@@ -92,12 +92,16 @@ def retempered_cmi(rows: RowSet, logits: torch.Tensor) -> float:
 
 
 def run_demo(
-    config: DemoConfig | None = None, out_dir: str | Path | None = None, progress: bool = True
+    config: DemoConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    model: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (the seed's objective), select on validation rows, evaluate held out."""
+    """Train (the seed's objective), select on validation rows, evaluate held out.
+    ``model``: ``(teacher, tokenizer)`` instead of the bundled teacher."""
     config = config or DemoConfig()
     start = time.perf_counter()
-    teacher, tokenizer = load_teacher()
+    teacher, tokenizer = model or load_teacher()
     pad = tokenizer.pad_token_id
     calibration, validation = demo_data(tokenizer, config)
     heldout = heldout_data(tokenizer, config)

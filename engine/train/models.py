@@ -79,14 +79,87 @@ def load_teacher(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(
+    spec: str | os.PathLike, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer, offline: ``"teacher"`` (the bundled
+    SmolLM2-135M) or a local Hugging Face directory (safetensors, or a single
+    ``.gguf`` file in it or given directly). The tokenizer must have a pad
+    token or an end-of-sequence token to pad with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if str(spec) == "teacher":
+        model, tokenizer = load_teacher(DTYPES[dtype])
+        return model.to(device), tokenizer
+    path = Path(spec)
+    gguf = None
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf = path.parent, path.name
+    elif path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"{path} is not a model directory: no config.json (and not one .gguf file)"
+            )
+        gguf = found[0].name
+    elif not path.is_dir():
+        raise FileNotFoundError(f"--model {spec}: no such directory or .gguf file")
+    if gguf is not None and importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading {gguf} needs the gguf package: pip install gguf")
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: no tokenizer could be loaded ({exc})") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a causal language model transformers can load ({exc})"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False)
+    return model.to(device), tokenizer
+
+
+# (stack owner, blocks, final norm, a block's norm before its MLP), by layout
+LAYOUTS = {
+    "llama": ("model", "layers", "norm", "post_attention_layernorm"),  # Llama, Qwen2, Mistral
+    "gpt2": ("transformer", "h", "ln_f", "ln_2"),
+}
+
+
+def _layout(model: nn.Module) -> tuple[nn.Module, str, str, str]:
+    """Where a causal LM keeps its decoder blocks, final norm and pre-MLP norm."""
+    for owner, blocks, norm, pre_mlp in LAYOUTS.values():
+        stack = getattr(model, owner, None)
+        if stack is not None and hasattr(stack, blocks) and hasattr(stack, norm):
+            return stack, blocks, norm, pre_mlp
+    raise TypeError(
+        f"{type(model).__name__}: students and the surrogate need a Llama/Qwen2/Mistral- or "
+        "GPT-2-style decoder (blocks, a final norm and an MLP per block); use the cmi "
+        "objective and an attack evaluation on a supported architecture"
+    )
+
+
 def truncated_copy(model: nn.Module, n_layers: int) -> nn.Module:
     """The first ``n_layers`` decoder blocks of ``model`` with its final norm and
     LM head: a cheap student/surrogate on the teacher's tokenizer."""
-    layers = model.model.layers
+    stack, blocks, _, _ = _layout(model)
+    layers = getattr(stack, blocks)
     if not 1 <= n_layers <= len(layers):
         raise ValueError(f"n_layers must be in [1, {len(layers)}], got {n_layers}")
     copied = copy.deepcopy(model)
-    copied.model.layers = nn.ModuleList(list(copied.model.layers)[:n_layers])
+    copied_stack = _layout(copied)[0]
+    setattr(copied_stack, blocks, nn.ModuleList(list(getattr(copied_stack, blocks))[:n_layers]))
     copied.config.num_hidden_layers = n_layers
     if getattr(copied.config, "layer_types", None):
         copied.config.layer_types = copied.config.layer_types[:n_layers]
@@ -133,11 +206,13 @@ def logits_rows(
     return head(hidden_rows(model, input_ids, attention_mask, rows)).float()
 
 
-def _last_block(model: nn.Module) -> nn.Module:
-    last = model.model.layers[-1]
-    if not (hasattr(last, "post_attention_layernorm") and hasattr(last, "mlp")):
-        raise TypeError("the surrogate probe needs a Llama/Qwen2-style decoder block")
-    return last
+def _last_block(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The last decoder block, its norm before the MLP, and the final norm."""
+    stack, blocks, norm, pre_mlp = _layout(model)
+    last = getattr(stack, blocks)[-1]
+    if not (hasattr(last, pre_mlp) and hasattr(last, "mlp")):
+        raise TypeError(f"the surrogate probe needs {pre_mlp} and mlp in the last block")
+    return last, getattr(last, pre_mlp), getattr(stack, norm)
 
 
 @torch.no_grad()
@@ -146,15 +221,15 @@ def surrogate_residual(
 ) -> Tensor:
     """The residual stream entering the surrogate's last MLP at ``rows``
     (``[N, d]``): everything below the probed layer, run once."""
-    last = _last_block(model)
+    _, pre_mlp, _ = _last_block(model)
     captured: dict[str, Tensor] = {}
 
     def grab(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
         captured["residual"] = args[0]
 
-    handle = last.post_attention_layernorm.register_forward_pre_hook(grab)
+    handle = pre_mlp.register_forward_pre_hook(grab)
     try:
-        model.model(input_ids=input_ids, attention_mask=attention_mask)
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
     return captured["residual"][rows[:, 0], rows[:, 1]].detach()
@@ -164,14 +239,14 @@ def probe_from_residual(model: nn.Module, residual: Tensor) -> SurrogateProbe:
     """The surrogate seen through its last MLP (the layer below the LM head),
     from the rows' residual (:func:`surrogate_residual`): what remains (last
     MLP, final norm, LM head) is position-wise, so only the rows are touched."""
-    last = _last_block(model)
+    last, pre_mlp, final_norm = _last_block(model)
     params = list(last.mlp.parameters())
     for p in params:
         p.requires_grad_(True)
 
     def logits() -> Tensor:
-        h = residual + last.mlp(last.post_attention_layernorm(residual))
-        return model.get_output_embeddings()(model.model.norm(h)).float()
+        h = residual + last.mlp(pre_mlp(residual))
+        return model.get_output_embeddings()(final_norm(h)).float()
 
     return SurrogateProbe(logits=logits, params=params)
 

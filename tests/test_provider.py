@@ -1,0 +1,241 @@
+"""A provider's own model and data: files in every format, a second real
+model with its own vocabulary driven end to end through the command line,
+Hub-style transform directories, and dataset purification."""
+
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import torch
+
+from cmiguard import LowRankTransform, load_transform, purify, purify_dataset, vocab_fingerprint
+from cmiguard.checkpoint import from_pretrained, save_pretrained, save_transform
+from cmiguard.cli import main, serve_app
+from cmiguard.train.corpus import load_examples
+from cmiguard.train.models import load_model, teacher_gguf_dir
+from tests.conftest import trained_like
+
+TEXTS = [
+    "The river runs through the old town and the old bridge.",
+    "The old town has a market by the river every week.",
+    "A bridge over the river joins the town to the hills.",
+    "People in the town walk by the river in the evening.",
+    "The market in the old town sells fish from the river.",
+    "Hills rise behind the town, and the river bends below them.",
+    "In the evening the bridge and the market are quiet.",
+    "The town grew along the river, bridge by bridge.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_model(tmp_path_factory):
+    """A GPT-2-style model (4 blocks) with a byte-level BPE vocabulary of its own
+    (not the teacher's), trained and saved here, offline."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from cmiguard.train.data import wiki_summaries
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        wiki_summaries("calibration", 200) + TEXTS, vocab_size=700, special_tokens=["<|eos|>"]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|eos|>")
+    config = AutoConfig.for_model(
+        "gpt2", vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=4, n_positions=256
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out = tmp_path_factory.mktemp("provider") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_text_and_answer_rows_in_every_format(tmp_path, teacher):
+    import datasets
+
+    _, tokenizer = teacher
+    rows = [{"text": t} for t in TEXTS * 3]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    cal, held = load_examples(jsonl, tokenizer, max_tokens=16, heldout=0.25, seed=1)
+    assert len(cal) + len(held) == len(rows) and held and cal
+    first = tokenizer.encode(TEXTS[0], add_special_tokens=False)[:16]
+    everything = cal + held
+    assert any(e.input_ids == first and e.labels == first[1:] for e in everything)
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    table.save_to_disk(str(tmp_path / "saved"))
+    for other in ("d.parquet", "d.csv", "saved"):
+        again = load_examples(tmp_path / other, tokenizer, max_tokens=16, heldout=0.25, seed=1)
+        assert [e.input_ids for e in again[0]] == [e.input_ids for e in cal], other
+    qa = [
+        {"prompt": f"Where is the {w}?", "answer": f"By the {w}."}
+        for _ in range(4)
+        for w in ("river", "town")
+    ]
+    qa[0]["split"] = "heldout"  # rows without one are calibration rows
+    cal_qa, held_qa = load_examples(write_jsonl(tmp_path / "qa.jsonl", qa), tokenizer)
+    # a split column decides: only the row marked heldout is held out
+    assert len(held_qa) == 1 and len(cal_qa) == 7
+    e = held_qa[0]
+    answer = tokenizer.encode("By the river.", add_special_tokens=False)
+    assert e.labels == answer and e.input_ids[-len(answer) :] == answer
+    assert e.positions == list(range(len(e.input_ids) - len(answer) - 1, len(e.input_ids) - 1))
+    assert "<|im_start|>" in tokenizer.decode(e.input_ids)  # the chat template wraps the prompt
+
+
+def test_bad_data_is_named(tmp_path, teacher):
+    _, tokenizer = teacher
+    cases = [
+        (write_jsonl(tmp_path / "cols.jsonl", [{"body": "x"}]), "needs a 'text' column"),
+        (write_jsonl(tmp_path / "empty.jsonl", [{"text": "fine words"}, {"text": " "}]), "row 1"),
+        (write_jsonl(tmp_path / "once.jsonl", [{"text": "alpha beta gamma"}]), "no label occurs"),
+        (tmp_path / "missing.jsonl", "no such file"),
+        (tmp_path / "d.xlsx", "unknown data format"),
+    ]
+    (tmp_path / "d.xlsx").write_text("x")
+    for path, words in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=words):
+            load_examples(path, tokenizer, heldout=0.0)
+    assert "cols.jsonl" in str(
+        pytest.raises(ValueError, load_examples, cases[0][0], tokenizer).value
+    )
+
+
+def test_models_load_from_a_directory_or_a_gguf_file(tmp_path, tokenizer_and_model):
+    model, tokenizer = load_model(tokenizer_and_model)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer) == 700
+    assert tokenizer.pad_token == "<|eos|>"  # none was set: padded with eos
+    half, _ = load_model(tokenizer_and_model, dtype="bfloat16")
+    assert half.get_output_embeddings().weight.dtype == torch.bfloat16
+    gguf = teacher_gguf_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from_gguf, tok = load_model(gguf)
+    assert from_gguf.config.vocab_size == len(tok) == 49152
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_model(tokenizer_and_model, dtype="int8")
+
+
+def test_transform_directories_round_trip_and_refuse_a_mismatch(tmp_path):
+    t = trained_like(LowRankTransform(40, 3, temperature=1.5, guard_margin=0.5))
+    t.save_pretrained(str(tmp_path / "t"), vocab_fingerprint="abc")
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["vocab_fingerprint"] == "abc" and config["temperature"] == "1.5"
+    back = LowRankTransform.from_pretrained(str(tmp_path / "t"), vocab_size=40)
+    assert back.guard_margin == 0.5 and back.temperature == 1.5
+    torch.testing.assert_close(back.b, t.b, rtol=0, atol=0)
+    assert torch.equal(load_transform(tmp_path / "t").a, t.a)  # load_transform reads both forms
+    with pytest.raises(ValueError, match="another tokenizer"):
+        from_pretrained(tmp_path / "t", vocab_fingerprint="xyz")
+    save_transform(t, tmp_path / "single.safetensors")  # the single-file format still reads
+    assert torch.equal(load_transform(tmp_path / "single.safetensors").b, t.b)
+    config["temperature"] = "9.0"
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not describe"):
+        load_transform(tmp_path / "t")
+    save_pretrained(t, tmp_path / "t")  # rewriting replaces the directory whole
+    assert load_transform(tmp_path / "t").temperature == 1.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["single.safetensors", "t"]
+
+
+def test_purify_dataset_matches_purify(tmp_path):
+    import datasets
+
+    t = trained_like(LowRankTransform(30, 2), scale=0.05)
+    logits = torch.randn(7, 30) * 3
+    table = datasets.Dataset.from_dict({"logits": logits.tolist(), "id": list(range(7))})
+    out = purify_dataset(table, t, batch_size=3, progress=False)
+    torch.testing.assert_close(
+        torch.tensor(out["logits"]), purify(logits, t, output="logprobs"), rtol=1e-5, atol=1e-5
+    )
+    assert out["id"] == list(range(7))
+    top = purify_dataset(table, t, top_k=4, progress=False)
+    values, ids = purify(logits, t, output="logprobs", top_k=4)
+    assert torch.equal(torch.tensor(top["logits_top_ids"]), ids)
+    assert "logits" not in top.column_names
+    topk_only = datasets.Dataset.from_dict({"logits": [[0.0] * 5] * 2})
+    with pytest.raises(ValueError, match="only full-vocabulary logits"):
+        purify_dataset(topk_only, t, progress=False)
+    with pytest.raises(ValueError, match="no 'values' column"):
+        purify_dataset(table, t, column="values", progress=False)
+
+
+def test_a_providers_model_and_data_end_to_end(tmp_path, tokenizer_and_model, capsys):
+    """train → evaluate --quick → fold → serve → the openai client, on a GPT-2
+    with its own 700-token vocabulary and a JSONL file."""
+    model_dir = str(tokenizer_and_model)
+    data = str(write_jsonl(tmp_path / "mine.jsonl", [{"text": t} for t in TEXTS * 4]))
+    out = tmp_path / "t"
+    train = ["train", "--model", model_dir, "--data", data, "--objective", "cmi", "--rank", "4"]
+    train += ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--no-guard", "--out", str(out)]
+    assert main(train) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] > 0 and summary["selected_step"] is not None
+    transform = load_transform(out / "transform.safetensors", vocab_size=700)
+    evaluate = ["evaluate", "--model", model_dir, "--data", data, "--quick", "--json"]
+    evaluate += ["--transform", str(out / "transform.safetensors"), "--out", str(tmp_path / "e")]
+    assert main(evaluate) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results["attacks"]["forward_kl"]) == {"no_defense", "cmiguard", "sharpen@0.5"}
+    assert "likelihood_accuracy" not in results  # no capital questions for a provider's data
+    folded = tmp_path / "folded"
+    fold = ["fold", "--model", model_dir, "--transform", str(out / "transform.safetensors")]
+    assert main([*fold, "--out", str(folded)]) == 0
+    assert not list(tmp_path.glob(".folded*"))  # written atomically: no temporary left
+    raw, tokenizer = load_model(model_dir)
+    folded_model, _ = load_model(folded)
+    ids = tokenizer.encode("The old town by the river", add_special_tokens=False)
+    with torch.no_grad():
+        want = purify(raw(torch.tensor([ids])).logits[0], transform, output="logprobs")
+        got = torch.log_softmax(folded_model(torch.tensor([ids])).logits[0], -1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    import uvicorn
+
+    args = main.__globals__["build_parser"]().parse_args(
+        ["serve", "--model", str(folded), "--unprotected", "--name", "mine", "--device", "cpu"]
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(serve_app(args), port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        reply = client.completions.create(
+            model="mine", prompt=ids, max_tokens=1, logprobs=3, temperature=0
+        )
+        served = max(reply.choices[0].logprobs.top_logprobs[0].values())
+        assert served == pytest.approx(float(want[-1].max()), abs=1e-4)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_transform_for_another_vocabulary_is_refused_everywhere(tmp_path, tokenizer_and_model):
+    _, tokenizer = load_model(tokenizer_and_model)
+    other = LowRankTransform(700, 2)
+    save_transform(other, tmp_path / "other.safetensors", "0123456789abcdef")
+    fold = ["fold", "--model", str(tokenizer_and_model), "--out", str(tmp_path / "f")]
+    assert main([*fold, "--transform", str(tmp_path / "other.safetensors")]) == 2
+    save_transform(LowRankTransform(49152, 2), tmp_path / "big.safetensors", "")
+    assert main([*fold, "--transform", str(tmp_path / "big.safetensors")]) == 2
+    assert not (tmp_path / "f").exists()
+    assert vocab_fingerprint(tokenizer) != "0123456789abcdef"

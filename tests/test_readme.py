@@ -1,0 +1,70 @@
+"""The README's own-model example, run exactly as written (in a scratch
+folder, with the installed ``cmiguard`` on the PATH); only the server gets a
+free port, and the test asks it one question with the openai client."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def example() -> str:
+    """The bash block after the ``provider-example`` marker."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- provider-example -->\s*```bash\n(.*?)```", text, re.S)
+    assert match, "the README lost its provider-example block"
+    return match.group(1)
+
+
+def test_the_readme_example_runs_as_written(tmp_path, teacher):
+    script = example()
+    assert script.rstrip().endswith("&") and "cmiguard serve" in script.splitlines()[-1]
+    *steps, serve = script.rstrip().splitlines()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    (tmp_path / "runs").mkdir()
+    run = subprocess.run(
+        ["bash", "-e", "-c", "\n".join(steps)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for made in ("my-model/config.json", "my-transform/transform.safetensors",
+                 "my-evaluation/evaluation.json", "my-folded/config.json"):  # fmt: skip
+        assert (tmp_path / "runs" / made).is_file(), made
+    server = subprocess.Popen(
+        ["bash", "-c", serve.removesuffix("&").strip() + f" --port {port}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        reply = client.completions.create(
+            model="my-model", prompt="The parcel for order 3 left", max_tokens=3, logprobs=2
+        )
+        assert reply.choices[0].text and len(reply.choices[0].logprobs.top_logprobs) == 3
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
