@@ -82,6 +82,7 @@ def _metadata(transform: LogitTransform, vocab_fingerprint: str) -> dict[str, st
         "vocab_fingerprint": vocab_fingerprint,
         # empty: no argmax guard (files written before the guard existed have none)
         "guard_margin": "" if transform.guard_margin is None else repr(transform.guard_margin),
+        "factor_dtype": getattr(transform, "factor_dtype", None) or "",
     }
 
 
@@ -194,6 +195,8 @@ def load_transform(
     kwargs: dict[str, Any] = {"temperature": float(metadata["temperature"])}
     if metadata.get("guard_margin"):
         kwargs["guard_margin"] = float(metadata["guard_margin"])
+    if metadata.get("factor_dtype"):
+        kwargs["factor_dtype"] = metadata["factor_dtype"]
     if family in ("lowrank", "dense"):  # diag_lowrank always has its bias
         kwargs["bias"] = metadata.get("bias") == "True"
     transform = make_transform(family, file_vocab, int(metadata["rank"]), **kwargs)

@@ -53,6 +53,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="no argmax guard (a guarded transform cannot be folded into an LM head)",
     )
     p.add_argument("--utility", choices=UTILITIES, default=d.utility)
+    p.add_argument(
+        "--factor-dtype",
+        choices=("bfloat16",),
+        default=d.factor_dtype,
+        help="the kernels read the low-rank factors in bf16 (fp32 masters are trained)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument("--lr", type=float, default=d.lr)

@@ -32,7 +32,13 @@ def purify(
     With ``top_k`` returns ``(values, token_ids)`` of the k largest entries
     only, as a logprobs API does, without materialising the full output.
     """
-    has_mask = check_logits(logits, transform.vocab_size)
+    check_logits(logits, transform.vocab_size, scan=False)  # type and shape
+    params = {
+        k: (p.detach() if p is not None else None) for k, p in transform.kernel_params().items()
+    }
+    # the fused kernels check the values as they write (no separate pass over the logits)
+    fused = backend(logits) == "triton" and params.get("weight") is None
+    has_mask = False if fused else check_logits(logits, transform.vocab_size)
     check_device(logits, transform)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -42,10 +48,6 @@ def purify(
     if top_k is not None and not 1 <= top_k <= transform.vocab_size:
         raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
     flat = logits.reshape(-1, transform.vocab_size)
-    params = {
-        k: (p.detach() if p is not None else None) for k, p in transform.kernel_params().items()
-    }
-
     if backend(flat) == "triton":
         from cmiguard.kernels.purify import purify_triton
 

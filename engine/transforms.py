@@ -19,6 +19,10 @@ FAMILIES = ("lowrank", "diag_lowrank", "dense")
 # the zero factor writes) or "seed" (the seed paper's (I + AB)z read
 # literally: A = 0 reads z, B random writes)
 INITS = ("lora", "seed")
+# what the kernels read the low-rank factors as: fp32 (None) or bf16, which
+# halves the factor tiles' traffic; the parameters stay fp32 (the training
+# masters) and every path (twin, kernels, fold) uses the same rounded values
+FACTOR_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
 
 class LogitTransform(nn.Module):
@@ -100,7 +104,7 @@ class LogitTransform(nn.Module):
             eye = torch.eye(self.vocab_size, device=params["weight"].device)
             sq = float(((params["weight"] - eye) ** 2).sum())
         else:
-            a, b = params["a"].double(), params["b"].double()
+            a, b = params["a"].double(), params["b"].double()  # as the kernels read them
             sq = float(((a.T @ a) * (b.T @ b)).sum())  # ‖A Bᵀ‖² = tr((AᵀA)(BᵀB))
             if params.get("scale") is not None:
                 d = params["scale"].double() - 1
@@ -114,6 +118,26 @@ class LogitTransform(nn.Module):
         return (
             f"vocab_size={self.vocab_size}, rank={self.rank}, temperature={self.temperature}{guard}"
         )
+
+
+class _LowRank(LogitTransform):
+    """The low-rank part shared by the low-rank families: ``A``, ``B`` and the
+    dtype the kernels read them in."""
+
+    a: nn.Parameter
+    b: nn.Parameter
+    factor_dtype: str | None = None
+
+    def _set_factor_dtype(self, factor_dtype: str | None) -> None:
+        if factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype must be None or 'bfloat16', got {factor_dtype!r}")
+        self.factor_dtype = factor_dtype
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` as the kernels and the twin read them (rounded to
+        ``factor_dtype`` when set; differentiable to the fp32 parameters)."""
+        dtype = FACTOR_DTYPES[self.factor_dtype]
+        return (self.a, self.b) if dtype is None else (self.a.to(dtype), self.b.to(dtype))
 
 
 def _low_rank_factors(
@@ -134,7 +158,7 @@ def _low_rank_factors(
     return nn.Parameter(a), nn.Parameter(b)
 
 
-class LowRankTransform(LogitTransform):
+class LowRankTransform(_LowRank):
     """``T(z) = z + (z A) Bᵀ (+ b)``: the seed paper's ``M = I + A B``.
 
     ``init="lora"``: ``A ~ N(0, 1)`` and ``B = 0``, so that ``T`` starts as the
@@ -153,22 +177,26 @@ class LowRankTransform(LogitTransform):
         init: str = "lora",
         init_scale: float = 0.0,
         guard_margin: float | None = None,
+        factor_dtype: str | None = None,
     ) -> None:
         super().__init__(vocab_size, rank, temperature, guard_margin)
         self.a, self.b = _low_rank_factors(vocab_size, rank, init, init_scale)
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
+        self._set_factor_dtype(factor_dtype)
 
     def kernel_params(self) -> dict[str, Tensor | None]:
-        return {"a": self.a, "b": self.b, "bias": self.bias}
+        a, b = self.factors()
+        return {"a": a, "b": b, "bias": self.bias}
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         w = weight.float()
-        new_w = w + self.b.float() @ (self.a.float().t() @ w)
+        a, b = (f.float() for f in self.factors())
+        new_w = w + b @ (a.t() @ w)
         new_b = _fold_bias(self, bias)
         return new_w.to(weight.dtype), new_b
 
 
-class DiagLowRankTransform(LogitTransform):
+class DiagLowRankTransform(_LowRank):
     """``T(z) = z ⊙ d + (z A) Bᵀ + b``: a per-token scale on top of the low rank."""
 
     family = "diag_lowrank"
@@ -181,18 +209,22 @@ class DiagLowRankTransform(LogitTransform):
         init: str = "lora",
         init_scale: float = 0.0,
         guard_margin: float | None = None,
+        factor_dtype: str | None = None,
     ) -> None:
         super().__init__(vocab_size, rank, temperature, guard_margin)
         self.scale = nn.Parameter(torch.ones(vocab_size))
         self.a, self.b = _low_rank_factors(vocab_size, rank, init, init_scale)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._set_factor_dtype(factor_dtype)
 
     def kernel_params(self) -> dict[str, Tensor | None]:
-        return {"scale": self.scale, "a": self.a, "b": self.b, "bias": self.bias}
+        a, b = self.factors()
+        return {"scale": self.scale, "a": a, "b": b, "bias": self.bias}
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         w = weight.float()
-        new_w = self.scale.float().unsqueeze(1) * w + self.b.float() @ (self.a.float().t() @ w)
+        a, b = (f.float() for f in self.factors())
+        new_w = self.scale.float().unsqueeze(1) * w + b @ (a.t() @ w)
         return new_w.to(weight.dtype), _fold_bias(self, bias)
 
 

@@ -352,7 +352,7 @@ class TritonObjectiveFunction(torch.autograd.Function):
             grad_x = grad_t * scale if scale is not None else grad_t
             grad_x = grad_x.to(x.dtype)
         if u is not None:
-            grad_u = grad_t @ b
+            grad_u = grad_t @ b.float()
             grad_b = grad_t.t() @ u
         return (
             grad_x,

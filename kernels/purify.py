@@ -18,7 +18,7 @@ from torch import Tensor
 
 from cmiguard.kernels.config import LaunchConfig, launch_config, vocab_split
 from cmiguard.kernels.reference import affine_logits, row_chunks
-from cmiguard.kernels.tile import lse_kernel, project_kernel, transform_tile
+from cmiguard.kernels.tile import lse_kernel, project_kernel, transform_tile_and_x
 
 
 @triton.jit
@@ -32,44 +32,79 @@ def purify_kernel(
     lse_ptr,
     j_ptr,
     lift_ptr,
+    flags_ptr,
     N,
     V,
     v_chunk,
     stride_x,
     stride_out,
     inv_tau,
+    lse_splits,
+    lse_stride,
     R: tl.constexpr,
     HAS_LOWRANK: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     LOGPROBS: tl.constexpr,
     GUARD: tl.constexpr,
+    CHECK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """``T(z)/τ`` (minus the row's log-sum-exp for log-probs) over one chunk;
-    with ``GUARD`` column ``j[row]`` holds ``lift[row]`` instead of ``T(z)``."""
+    with ``GUARD`` column ``j[row]`` holds ``lift[row]`` instead of ``T(z)``.
+
+    The row log-sum-exp is combined here from the lse pass's per-chunk parts
+    (``lse[split, row]`` at ``lse_ptr + (split·N + row)·lse_stride``). With
+    ``CHECK`` the input tiles are checked on the way: per (chunk, row), the
+    counts of NaN, of ``+inf`` and of finite entries go to ``flags``, so no
+    separate validation pass reads the logits."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_out
     if LOGPROBS:
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for sp in range(0, lse_splits):
+            part = tl.load(
+                lse_ptr + (sp * N + rows).to(tl.int64) * lse_stride,
+                mask=row_ok,
+                other=float("-inf"),
+            )
+            m_new = tl.maximum(m, part)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.exp(m - m_safe) + tl.exp(part - m_safe)
+            m = m_new
+        lse = tl.where(m == float("-inf"), 0.0, m + tl.log(tl.maximum(total, 1e-30)))
     if GUARD:
         jj = tl.load(j_ptr + rows, mask=row_ok, other=-1)
         lift = tl.load(lift_ptr + rows, mask=row_ok, other=0.0)
+    if CHECK:
+        nans = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        infs = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        finite = tl.zeros((BLOCK_N,), dtype=tl.int32)
     v_lo = tl.program_id(1) * v_chunk
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
+        ok = row_ok[:, None] & (cols[None, :] < V)
+        t, x = transform_tile_and_x(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
+        if CHECK:
+            nans += tl.sum(tl.where(ok & (x != x), 1, 0), axis=1)
+            infs += tl.sum(tl.where(ok & (x == float("inf")), 1, 0), axis=1)
+            finite += tl.sum(tl.where(ok & (x == x) & (tl.abs(x) < float("inf")), 1, 0), axis=1)
         if GUARD:
             t = tl.where(cols[None, :] == jj[:, None], lift[:, None], t)
         t = t * inv_tau
         if LOGPROBS:
             t = t - lse[:, None]
-        ok = row_ok[:, None] & (cols[None, :] < V)
         tl.store(out_rows + cols[None, :], t.to(out_ptr.dtype.element_ty), mask=ok)
+    if CHECK:
+        f = flags_ptr + (tl.program_id(1) * N + rows).to(tl.int64) * 3
+        tl.store(f, nans, mask=row_ok)
+        tl.store(f + 1, infs, mask=row_ok)
+        tl.store(f + 2, finite, mask=row_ok)
 
 
 def project(z: Tensor, a: Tensor) -> Tensor:
@@ -84,7 +119,7 @@ def project(z: Tensor, a: Tensor) -> Tensor:
     grid = (triton.cdiv(n, cfg.block_n), splits, triton.cdiv(r, cfg.block_r))
     project_kernel[grid](
         z,
-        a.float().contiguous(),
+        a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
         part,
         n,
         v,
@@ -110,6 +145,22 @@ def row_lse(
     and ``z`` (if ``need_z``); 0 for an all-masked row (its outputs stay ``-inf``).
     With ``guard_cols`` (``[N]`` int64) also ``[N, 2]``: per row the largest
     ``T(z)`` off that column and ``T(z)`` on it."""
+    part, g_part = row_lse_parts(ops, z, temperature, cfg, need_t, need_z, guard_cols)
+    lse = torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
+    return (lse, g_part.amax(0)) if guard_cols is not None else lse
+
+
+def row_lse_parts(
+    ops: dict[str, object],
+    z: Tensor,
+    temperature: float,
+    cfg: LaunchConfig,
+    need_t: bool = False,
+    need_z: bool = False,
+    guard_cols: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The lse pass's per-chunk results, uncombined: ``[splits, N, 3]`` and the
+    guard's ``[splits, N, 2]`` (``[1, N, 2]`` unused without ``guard_cols``)."""
     x = ops["x"]
     n, v = x.shape
     splits, chunk = vocab_split(n, v, cfg, x.device)
@@ -135,8 +186,7 @@ def row_lse(
         *cfg.constexprs,
         **cfg.options,
     )
-    lse = torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
-    return (lse, g_part.amax(0)) if guard else lse
+    return part, g_part
 
 
 def kernel_operands(ops: dict[str, object]) -> tuple:
@@ -168,7 +218,7 @@ def transform_operands(z: Tensor, params: dict[str, Tensor | None]) -> dict[str,
     ops: dict[str, object] = {"x": z}
     if params.get("a") is not None:
         ops["u"] = project(z, params["a"])
-        ops["b"] = params["b"].float().contiguous()
+        ops["b"] = params["b"].contiguous()  # fp32 or bf16, read in fp32
     for key in ("scale", "bias"):
         if params.get(key) is not None:
             ops[key] = params[key].float().contiguous()
@@ -196,39 +246,65 @@ def launch_purify(
     temperature: float,
     logprobs: bool,
     guard: float | None = None,
+    check: bool = True,
 ) -> None:
-    """Purify all rows of ``ops["x"]`` into ``out`` (log-sum-exp pass first for
-    log-probs, and for the guard, whose statistics that pass also takes)."""
+    """Purify all rows of ``ops["x"]`` into ``out``: the lse pass first for
+    log-probs (and for the guard, whose statistics it also takes), then the
+    write pass, which combines the row log-sum-exps itself and, with
+    ``check``, counts NaN, ``+inf`` and finite inputs; then one sync to raise
+    on bad input with :func:`cmiguard.validation.check_logits`' messages."""
     x = ops["x"]
     n, v = x.shape
     u = ops.get("u")
     cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
     lse = cols = lift = None
+    lse_splits, lse_stride = 1, 1
     if guard is not None:
         cols = ops["argmax"]
-        lse, off_on = row_lse(ops, x, temperature, cfg, guard_cols=cols)
-        lift, lse = guard_lift(lse[:, 0], off_on, guard, temperature)
+        combined, off_on = row_lse(ops, x, temperature, cfg, guard_cols=cols)
+        lift, lse = guard_lift(combined[:, 0], off_on, guard, temperature)
     elif logprobs:
-        lse = row_lse(ops, x, temperature, cfg)[:, 0].contiguous()
+        part, _ = row_lse_parts(ops, x, temperature, cfg)
+        lse, lse_splits, lse_stride = part, part.shape[0], 3  # column 0 of [splits, N, 3]
     splits, chunk = vocab_split(n, v, cfg, x.device)
+    flags = torch.empty((splits, n, 3), dtype=torch.int32, device=x.device) if check else out
     purify_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         *kernel_operands(ops),
         out,
         lse if lse is not None else out,
         cols if cols is not None else out,
         lift if lift is not None else out,
+        flags,
         n,
         v,
         chunk,
         x.stride(0),
         out.stride(0),
         1.0 / temperature,
+        lse_splits,
+        lse_stride,
         *kernel_flags(ops),
         logprobs,
         guard is not None,
+        check,
         *cfg.constexprs,
         **cfg.options,
     )
+    if check:
+        raise_on_bad_input(flags.sum(0))
+
+
+def raise_on_bad_input(counts: Tensor, name: str = "logits") -> None:
+    """``counts``: per row, NaN, ``+inf`` and finite entries. One host sync."""
+    nan, inf, empty = torch.stack(
+        [counts[:, 0].any(), counts[:, 1].any(), (counts[:, 2] == 0).any()]
+    ).tolist()
+    if nan:
+        raise ValueError(f"{name} contain NaN")
+    if inf:
+        raise ValueError(f"{name} contain +inf")
+    if empty:
+        raise ValueError(f"{name} have a row that is entirely -inf (every token masked)")
 
 
 def purify_triton(

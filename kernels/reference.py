@@ -48,7 +48,7 @@ def affine_logits(
     else:
         t = z * scale if scale is not None else z
         if a is not None:
-            t = torch.addmm(t, z @ a, b.t())
+            t = torch.addmm(t, z @ a.float(), b.float().t())  # bf16 factors: rounded, in fp32
     if bias is not None:
         t = t + bias
     if has_mask:

@@ -1,4 +1,6 @@
-"""The transformed-logits tile every kernel recomputes instead of storing.
+"""The transformed-logits tile every kernel recomputes instead of storing
+(:func:`transform_tile`; :func:`transform_tile_and_x` also returns the input
+tile, for the purify pass that checks it).
 
 ``t = x ⊙ scale + u Bᵀ + bias`` for ``BLOCK_N`` rows × ``BLOCK_V`` columns,
 ``-inf`` where ``x`` is ``-inf`` (masked tokens) or out of range. For the
@@ -14,6 +16,29 @@ import triton.language as tl
 
 @triton.jit
 def transform_tile(
+    x_ptr,
+    u_ptr,
+    b_ptr,
+    scale_ptr,
+    bias_ptr,
+    rows,
+    cols,
+    N,
+    V,
+    stride_x,
+    R: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    t, _ = transform_tile_and_x(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
+    return t
+
+
+@triton.jit
+def transform_tile_and_x(
     x_ptr,
     u_ptr,
     b_ptr,
@@ -50,11 +75,11 @@ def transform_tile(
                 b_ptr + cols[None, :].to(tl.int64) * R + rr[:, None],
                 mask=col_ok[None, :] & (rr[:, None] < R),
                 other=0.0,
-            )
+            ).to(tl.float32)
             t += tl.dot(u, bt, input_precision=DOT)
     if HAS_BIAS:
         t = t + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(masked, float("-inf"), t)
+    return tl.where(masked, float("-inf"), t), x
 
 
 @triton.jit

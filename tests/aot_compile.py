@@ -14,7 +14,7 @@ from cmiguard.kernels.cmi_loss import grad_kernel, stats_kernel
 from cmiguard.kernels.purify import purify_kernel
 from cmiguard.kernels.tile import lse_kernel, project_kernel
 
-INTS = {"N", "V", "v_chunk"}
+INTS = {"N", "V", "v_chunk", "lse_splits", "lse_stride"}
 STRIDES = {"stride_x", "stride_z", "stride_out"}
 
 
@@ -49,10 +49,12 @@ def main():
     tile = {"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "tf32x3"}
     flags = {"R": 64, "HAS_LOWRANK": True, "HAS_SCALE": True, "HAS_BIAS": True}
     half = {"x_ptr": "*bf16", "out_ptr": "*bf16"}
-    guard = {"j_ptr": "*i64"}
+    guard = {"j_ptr": "*i64", "flags_ptr": "*i32"}
+    half = half | {"flags_ptr": "*i32"}
+    check = {"LOGPROBS": True, "CHECK": True}
     done = [
-        compile_one(purify_kernel, {**flags, **tile, "LOGPROBS": True, "GUARD": False}, half),
-        compile_one(purify_kernel, {**flags, **tile, "LOGPROBS": True, "GUARD": True}, guard),
+        compile_one(purify_kernel, {**flags, **tile, **check, "GUARD": False}, half),
+        compile_one(purify_kernel, {**flags, **tile, **check, "GUARD": True}, guard),
         compile_one(
             purify_kernel,
             {
@@ -63,6 +65,7 @@ def main():
                 "HAS_SCALE": False,
                 "LOGPROBS": False,
                 "GUARD": False,
+                "CHECK": False,
             },
         ),
         compile_one(

@@ -157,3 +157,33 @@ def test_seed_init_gradients_are_the_closed_form():
         torch.testing.assert_close(t.b.grad, g.T @ (z @ a))
         zero = t.b.grad if init == "seed" else t.a.grad
         assert torch.count_nonzero(zero) == 0
+
+
+def test_bf16_factors_round_the_same_on_every_path(tmp_path, monkeypatch):
+    """factor_dtype='bfloat16': the kernels read A and B in bf16 (half their
+    traffic), the twin and fold use the same rounded values, the fp32
+    parameters stay the masters, and the file keeps the setting."""
+    v = 1000
+    fp32 = trained_like(LowRankTransform(v, 8), scale=0.05)
+    half = LowRankTransform(v, 8, factor_dtype="bfloat16")
+    half.load_state_dict(fp32.state_dict())
+    z = awkward_logits(7, v)
+    rounded = {k: (p.detach().bfloat16().float() if k in "ab" else p) for k, p in
+               fp32.kernel_params().items()}  # fmt: skip
+    want = purify_reference(z, rounded, 1.3, "logprobs")
+    twin = purify(z, half.to(DEVICE), temperature=1.3, output="logprobs")
+    torch.testing.assert_close(twin, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(twin, purify(z, fp32.to(DEVICE), temperature=1.3, output="logprobs"))
+    ours = purify_triton(z, params_of(half), 1.3, "logprobs")
+    assert params_of(half)["a"].dtype == torch.bfloat16
+    t64, magnitude = float64_truth(z, rounded, 1.3, "logprobs")
+    close_to_truth(ours, want, t64, magnitude, 1e-6)
+    half.zero_grad()
+    purify_reference(z, half.kernel_params(), 1.0, "logits")  # no grad: detached
+    loss = half(z.cpu().clamp_min(-50)).sum()
+    loss.backward()
+    assert half.b.grad.dtype == torch.float32 and half.b.dtype == torch.float32
+    save_transform(half, tmp_path / "h.safetensors")
+    assert load_transform(tmp_path / "h.safetensors").factor_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="factor_dtype"):
+        LowRankTransform(10, 2, factor_dtype="int8")

@@ -262,3 +262,29 @@ def test_vocab_split_covers_the_vocabulary_once(v):
         assert launch_config(3, v, 5) == LaunchConfig(16, 64, 16)
         assert vocab_split(3, v, launch_config(3, v, 5), DEVICE)[1] % 64 == 0
     assert launch_config(3, v, 5) == cfg
+
+
+@pytest.mark.parametrize("output", ["logits", "logprobs"])
+def test_the_purify_kernels_check_the_input_as_they_write(force, output):
+    """No validation pass on the kernel path: the write pass counts NaN, +inf
+    and finite entries and purify raises the twin's messages."""
+    transform = trained_like(LowRankTransform(300, 4), scale=0.01).to(DEVICE)
+    force("triton")
+    for poison, message in [
+        (float("nan"), "contain NaN"),
+        (float("inf"), r"contain \+inf"),
+        (None, "entirely -inf"),
+    ]:
+        z = awkward_logits(5, 300)
+        if poison is None:
+            z[3] = float("-inf")
+        else:
+            z[2, 123] = poison
+        with pytest.raises(ValueError, match=message):
+            purify(z, transform, output=output)
+        with pytest.raises(ValueError, match=message):
+            purify(z, transform, output=output, top_k=3)
+    clean = purify(awkward_logits(5, 300), transform, output=output)
+    force("torch")
+    twin = purify(awkward_logits(5, 300), transform, output=output)
+    torch.testing.assert_close(clean, twin, rtol=1e-5, atol=2e-4)  # a row holds ±1e4

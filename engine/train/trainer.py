@@ -65,6 +65,8 @@ class TrainConfig:
     init_scale: float = 0.0
     # put each row's raw argmax back on top by this margin (None: no guard)
     guard_margin: float | None = None
+    # the kernels read A and B in bf16 (the parameters stay fp32 masters)
+    factor_dtype: str | None = None
     utility: str = "ce"
     epochs: int = 1
     batch_size: int = 8
@@ -133,7 +135,11 @@ def build_transform(config: TrainConfig, vocab: int) -> LogitTransform:
         "guard_margin": config.guard_margin,
     }
     if config.family != "dense":
-        kwargs |= {"init": config.init, "init_scale": config.init_scale}
+        kwargs |= {
+            "init": config.init,
+            "init_scale": config.init_scale,
+            "factor_dtype": config.factor_dtype,
+        }
     return make_transform(config.family, vocab, config.rank, **kwargs)
 
 
