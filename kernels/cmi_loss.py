@@ -26,7 +26,7 @@ from torch import Tensor
 from cmiguard.kernels.config import launch_config, vocab_split
 from cmiguard.kernels.purify import kernel_flags, kernel_operands, project, row_lse
 from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
-from cmiguard.kernels.tile import load_tile, transform_tile
+from cmiguard.kernels.tile import load_tile, objective_grad, row_terms, transform_tile
 
 # columns of the [N, 7] row statistics: row_lse's three, then stats_kernel's four
 LSE_TAU, LSE_T, LSE_Z, NEG_ENTROPY, CROSS, LABEL_LOGIT, KL = range(7)
@@ -149,36 +149,17 @@ def grad_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    srow = stats_ptr + rows.to(tl.int64) * 7
-    y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    g = tl.load(group_ptr + rows, mask=row_ok, other=-1)
-    lse_tau = tl.load(srow + 0, mask=row_ok, other=0.0)
-    lse_t = tl.load(srow + 1, mask=row_ok, other=0.0)
-    lse_z = tl.load(srow + 2, mask=row_ok, other=0.0)
-    dot = tl.load(srow + 3, mask=row_ok, other=0.0) - tl.load(srow + 4, mask=row_ok, other=0.0)
-    w_cmi = tl.load(weights_ptr + rows * 3 + 0, mask=row_ok, other=0.0) * inv_tau
-    w_ce = tl.load(weights_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
-    w_kl = tl.load(weights_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
+    y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl = row_terms(rows, row_ok, labels_ptr, group_ptr, stats_ptr, weights_ptr, inv_tau)  # fmt: skip
     v_lo = tl.program_id(1) * v_chunk
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         ok = row_ok[:, None] & col_ok[None, :]
         t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
-        logp = t * inv_tau - lse_tau[:, None]
-        p = tl.exp(logp)
-        cmi_ok = ok & (g[:, None] >= 0)
-        log_c = tl.load(
-            logq_ptr + g[:, None].to(tl.int64) * V + cols[None, :], mask=cmi_ok, other=0.0
-        )
-        gp = tl.where(p > 0, logp - log_c, 0.0)
-        grad = w_cmi[:, None] * p * (gp - dot[:, None])
-        grad += (w_ce + w_kl)[:, None] * tl.exp(t - lse_t[:, None])
-        grad -= tl.where(cols[None, :] == y[:, None], w_ce[:, None], 0.0)
+        zt = t
         if NEED_KL:
             zt = load_tile(z_ptr, rows, cols, N, V, stride_z, float("-inf"))
-            grad -= w_kl[:, None] * tl.exp(zt - lse_z[:, None])
-        grad = tl.where(ok, grad, 0.0)
+        grad = objective_grad(t, zt, cols, ok, y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl, logq_ptr, V, inv_tau, NEED_KL)  # fmt: skip
         if WRITE_GRAD:
             tl.store(grad_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], grad, mask=ok)
         if HAS_SCALE:
@@ -215,6 +196,86 @@ class ProjectFunction(torch.autograd.Function):
         return grad_z, grad_a.to(a.dtype)
 
 
+def objective_forward(
+    ops: dict[str, object],
+    z: Tensor,
+    labels: Tensor,
+    log_centroids: Tensor | None,
+    lam_cmi: float,
+    lam_ce: float,
+    lam_kl: float,
+    temperature: float,
+    min_count: int,
+) -> tuple[Tensor, Tensor, tuple]:
+    """The fused forward on kernel operands: ``(loss, [cmi, ce, kl], saved)``
+    with ``saved = (group_of_row, log_centroids, stats, weights, config)``,
+    what any backward of it needs (only ``[N, 7]`` row statistics)."""
+    x = ops["x"]
+    u = ops.get("u")
+    n, v = x.shape
+    rows, group, _, counts = label_groups(labels, min_count)
+    group_of_row = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    group_of_row[rows] = group
+    valid = labels != IGNORE_INDEX
+    need_kl = bool(lam_kl)
+    cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
+    lse = row_lse(ops, z, temperature, cfg, need_t=True, need_z=need_kl)
+    splits, chunk = vocab_split(n, v, cfg, x.device)
+    part = torch.zeros(splits, n, 4, dtype=torch.float32, device=x.device)
+    dummy = lse
+
+    def pass_over_rows(sums, log_q, first, scatter, cross):
+        stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+            *kernel_operands(ops),
+            z,
+            labels,
+            group_of_row,
+            lse,
+            sums,
+            log_q,
+            part,
+            n,
+            v,
+            chunk,
+            x.stride(0),
+            z.stride(0),
+            1.0 / temperature,
+            *kernel_flags(ops),
+            first,
+            scatter,
+            cross,
+            need_kl,
+            *cfg.constexprs,
+            **cfg.options,
+        )
+
+    n_groups = int(counts.numel())
+    if log_centroids is None and n_groups > 0:
+        # exact: scatter the centroids, then the cross term against the finished ones
+        sums = torch.zeros(n_groups, v, dtype=torch.float32, device=x.device)
+        pass_over_rows(sums, dummy, True, True, False)
+        log_centroids = _log_mean(sums, counts)
+        pass_over_rows(dummy, log_centroids, False, False, True)
+    else:
+        has_q = log_centroids is not None and n_groups > 0
+        log_centroids = log_centroids.contiguous() if has_q else dummy
+        pass_over_rows(dummy, log_centroids, True, False, has_q)
+    stats = torch.cat([lse, part.sum(0)], dim=1)
+    kept = max(rows.numel(), 1)
+    n_valid = max(int(valid.sum()), 1)
+    cmi = (stats[rows, NEG_ENTROPY] - stats[rows, CROSS]).double().sum() / kept
+    ce = (stats[valid, LSE_T] - stats[valid, LABEL_LOGIT]).double().sum() / n_valid
+    kl = stats[valid, KL].double().sum() / n_valid
+    weights = torch.zeros(n, 3, dtype=torch.float32, device=x.device)
+    weights[rows, 0] = lam_cmi / kept
+    weights[valid, 1] = lam_ce / n_valid
+    weights[valid, 2] = lam_kl / n_valid
+    loss = (lam_cmi * cmi + lam_ce * ce + lam_kl * kl).float()
+    out_stats = torch.stack([cmi, ce, kl]).float()
+    config = (temperature, need_kl, cfg, splits, chunk)
+    return loss, out_stats, (group_of_row, log_centroids, stats, weights, config)
+
+
 class TritonObjectiveFunction(torch.autograd.Function):
     """Triton twin of :class:`cmiguard.kernels.reference.ObjectiveFunction`.
 
@@ -240,71 +301,14 @@ class TritonObjectiveFunction(torch.autograd.Function):
         temperature,
         min_count,
     ):
-        n, v = x.shape
-        rows, group, _, counts = label_groups(labels, min_count)
-        group_of_row = torch.full((n,), -1, dtype=torch.long, device=x.device)
-        group_of_row[rows] = group
-        valid = labels != IGNORE_INDEX
-        need_kl = bool(lam_kl)
         ops = _ops(x, u, b, scale, bias)
-        cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
-        lse = row_lse(ops, z, temperature, cfg, need_t=True, need_z=need_kl)
-        splits, chunk = vocab_split(n, v, cfg, x.device)
-        part = torch.zeros(splits, n, 4, dtype=torch.float32, device=x.device)
-        dummy = lse
-
-        def pass_over_rows(sums, log_q, first, scatter, cross):
-            stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-                *kernel_operands(ops),
-                z,
-                labels,
-                group_of_row,
-                lse,
-                sums,
-                log_q,
-                part,
-                n,
-                v,
-                chunk,
-                x.stride(0),
-                z.stride(0),
-                1.0 / temperature,
-                *kernel_flags(ops),
-                first,
-                scatter,
-                cross,
-                need_kl,
-                *cfg.constexprs,
-                **cfg.options,
-            )
-
-        n_groups = int(counts.numel())
-        if log_centroids is None and n_groups > 0:
-            # exact: scatter the centroids, then the cross term against the finished ones
-            sums = torch.zeros(n_groups, v, dtype=torch.float32, device=x.device)
-            pass_over_rows(sums, dummy, True, True, False)
-            log_centroids = _log_mean(sums, counts)
-            pass_over_rows(dummy, log_centroids, False, False, True)
-        else:
-            has_q = log_centroids is not None and n_groups > 0
-            log_centroids = log_centroids.contiguous() if has_q else dummy
-            pass_over_rows(dummy, log_centroids, True, False, has_q)
-        stats = torch.cat([lse, part.sum(0)], dim=1)
-        kept = max(rows.numel(), 1)
-        n_valid = max(int(valid.sum()), 1)
-        cmi = (stats[rows, NEG_ENTROPY] - stats[rows, CROSS]).double().sum() / kept
-        ce = (stats[valid, LSE_T] - stats[valid, LABEL_LOGIT]).double().sum() / n_valid
-        kl = stats[valid, KL].double().sum() / n_valid
-        weights = torch.zeros(n, 3, dtype=torch.float32, device=x.device)
-        weights[rows, 0] = lam_cmi / kept
-        weights[valid, 1] = lam_ce / n_valid
-        weights[valid, 2] = lam_kl / n_valid
+        lams = (lam_cmi, lam_ce, lam_kl, temperature, min_count)
+        loss, out_stats, saved = objective_forward(ops, z, labels, log_centroids, *lams)
+        group_of_row, log_centroids, stats, weights, config = saved
         ctx.save_for_backward(
             x, u, b, scale, bias, z, labels, group_of_row, log_centroids, stats, weights
         )
-        ctx.config = (temperature, need_kl, cfg, splits, chunk)
-        loss = (lam_cmi * cmi + lam_ce * ce + lam_kl * kl).float()
-        out_stats = torch.stack([cmi, ce, kl]).float()
+        ctx.config = config
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
 

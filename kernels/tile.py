@@ -213,3 +213,38 @@ def project_kernel(
         acc,
         mask=(rows[:, None] < N) & (rr[None, :] < R),
     )
+
+
+@triton.jit
+def row_terms(rows, row_ok, labels_ptr, group_ptr, stats_ptr, weights_ptr, inv_tau):
+    """Per row of the objective's backward: its label, CMI group, the saved
+    log-sum-exps (of ``t/τ``, ``t``, ``z``), ``⟨p, g⟩`` and the loss weights."""
+    srow = stats_ptr + rows.to(tl.int64) * 7
+    y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    g = tl.load(group_ptr + rows, mask=row_ok, other=-1)
+    lse_tau = tl.load(srow + 0, mask=row_ok, other=0.0)
+    lse_t = tl.load(srow + 1, mask=row_ok, other=0.0)
+    lse_z = tl.load(srow + 2, mask=row_ok, other=0.0)
+    dot = tl.load(srow + 3, mask=row_ok, other=0.0) - tl.load(srow + 4, mask=row_ok, other=0.0)
+    w_cmi = tl.load(weights_ptr + rows * 3 + 0, mask=row_ok, other=0.0) * inv_tau
+    w_ce = tl.load(weights_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
+    w_kl = tl.load(weights_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
+    return y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl
+
+
+@triton.jit
+def objective_grad(t, zt, cols, ok, y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl, logq_ptr, V, inv_tau, NEED_KL: tl.constexpr):  # fmt: skip
+    """``∂L/∂t`` of one tile in closed form (docs/DESIGN.md): the CMI term's
+    ``p ⊙ (g − ⟨p, g⟩)/τ`` with ``g = log p − log Q``, CE's ``softmax(t) − e_y``
+    and KL's ``softmax(t) − softmax(z)``, each times its row weight."""
+    logp = t * inv_tau - lse_tau[:, None]
+    p = tl.exp(logp)
+    cmi_ok = ok & (g[:, None] >= 0)
+    log_c = tl.load(logq_ptr + g[:, None].to(tl.int64) * V + cols[None, :], mask=cmi_ok, other=0.0)
+    gp = tl.where(p > 0, logp - log_c, 0.0)
+    grad = w_cmi[:, None] * p * (gp - dot[:, None])
+    grad += (w_ce + w_kl)[:, None] * tl.exp(t - lse_t[:, None])
+    grad -= tl.where(cols[None, :] == y[:, None], w_ce[:, None], 0.0)
+    if NEED_KL:
+        grad -= w_kl[:, None] * tl.exp(zt - lse_z[:, None])
+    return tl.where(ok, grad, 0.0)

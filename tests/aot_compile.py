@@ -11,10 +11,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from cmiguard.kernels.cmi_loss import grad_kernel, stats_kernel
+from cmiguard.kernels.objective_backward import grad_factors_kernel, grad_u_kernel
 from cmiguard.kernels.purify import purify_kernel
 from cmiguard.kernels.tile import lse_kernel, project_kernel
 
-INTS = {"N", "V", "v_chunk", "lse_splits", "lse_stride"}
+INTS = {"N", "V", "v_chunk", "n_chunk", "lse_splits", "lse_stride"}
 STRIDES = {"stride_x", "stride_z", "stride_out"}
 
 
@@ -86,6 +87,10 @@ def main():
         done.append(compile_one(stats_kernel, {**consts, "NEED_KL": kl}, ints))
     consts = {**flags, **tile, "NEED_KL": True, "WRITE_GRAD": True}
     done.append(compile_one(grad_kernel, consts, {**ints, "x_ptr": "*bf16"}))
+    fused = {**flags, **tile, "NEED_KL": True}
+    factors = {**ints, "x_ptr": "*bf16", "b_ptr": "*bf16"}
+    done.append(compile_one(grad_u_kernel, fused, factors))
+    done.append(compile_one(grad_factors_kernel, fused, factors))
     print("compiled:", " ".join(done))
 
 

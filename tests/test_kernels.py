@@ -288,3 +288,59 @@ def test_the_purify_kernels_check_the_input_as_they_write(force, output):
     force("torch")
     twin = purify(awkward_logits(5, 300), transform, output=output)
     torch.testing.assert_close(clean, twin, rtol=1e-5, atol=2e-4)  # a row holds ±1e4
+
+
+@pytest.mark.parametrize("family", ["lowrank", "diag_lowrank"])
+@pytest.mark.parametrize("estimator", ["exact", "streaming"])
+@pytest.mark.parametrize(("lams", "tau"), [((1.0, 1.0, 0.0), 1.0), ((0.7, 0.3, 0.5), 1.6)])
+def test_the_two_pass_backward_matches_float64(family, estimator, lams, tau, force):
+    """Logits that need no gradient (a frozen teacher's) take the fused backward:
+    no [N, V] gradient, no GEMM; its parameter gradients are no further from
+    float64 than the twin's, and two runs give the same bits."""
+    v = 1000
+    transform = trained_like(MAKERS[family](v), scale=0.02).to(DEVICE)
+    z = awkward_logits(17, v, seed=2)
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, -100, 3, 3, 4, 5, 5, 6, 1, 2, 4, 0], device=DEVICE)
+    labels[0] = int(z[0].argmax())
+
+    def grads(name):
+        force(name)
+        loss = anti_distillation_loss(
+            z, labels, transform, *lams, temperature=tau, estimator=estimator
+        )
+        return loss.detach(), torch.autograd.grad(2.5 * loss, list(transform.parameters()))
+
+    ours, again, twin = grads("triton"), grads("triton"), grads("torch")
+    truth = float64_objective_grads(z, labels, transform, estimator, lams, tau, 2.5)
+    assert ours[0].item() == pytest.approx(truth[0], rel=1e-5, abs=1e-5)
+    # truth's last gradient is the logits', which the fused path does not compute
+    for mine, other, exact in zip(ours[1], twin[1], truth[1][:-1], strict=True):
+        err_ours = (mine.double() - exact).abs()
+        err_twin = (other.double() - exact).abs()
+        slack = 1e-5 * max(1.0, exact.abs().max().item())
+        assert bool((err_ours <= err_twin + slack).all()), float((err_ours - err_twin).max())
+    for first, second in zip(ours[1], again[1], strict=True):
+        assert torch.equal(first, second)  # fixed-order reductions: deterministic
+
+
+def test_the_fused_path_is_the_one_taken(monkeypatch, force):
+    """The low-rank objective on gradient-free logits goes through the two-pass
+    backward, bf16 factors included; logits that need a gradient do not."""
+    from cmiguard.kernels import objective_backward
+
+    calls = []
+    real = objective_backward.FusedLowRankObjective.apply
+    monkeypatch.setattr(
+        objective_backward.FusedLowRankObjective,
+        "apply",
+        lambda *a: calls.append(1) or real(*a),
+    )
+    force("triton")
+    transform = LowRankTransform(300, 4, factor_dtype="bfloat16")
+    transform = trained_like(transform, scale=0.02).to(DEVICE)
+    z = awkward_logits(9, 300)
+    labels = torch.tensor([int(z[0].argmax()), 1, 1, 2, 2, 3, 3, 4, 4], device=DEVICE)
+    anti_distillation_loss(z, labels, transform).backward()
+    assert calls == [1] and transform.a.grad.dtype == torch.float32
+    anti_distillation_loss(z.clone().requires_grad_(True), labels, transform)
+    assert calls == [1]

@@ -20,5 +20,12 @@ def test_kernels_compile_for_hopper():
     assert run.stdout.split().count("stats_kernel") == 2
     assert run.stdout.split().count("purify_kernel") == 3  # incl. the guarded variant
     assert run.stdout.split().count("lse_kernel") == 2
-    for name in ("grad_kernel", "purify_kernel", "lse_kernel", "project_kernel"):
+    for name in (
+        "grad_kernel",
+        "purify_kernel",
+        "lse_kernel",
+        "project_kernel",
+        "grad_u_kernel",
+        "grad_factors_kernel",
+    ):
         assert name in run.stdout

@@ -21,16 +21,13 @@ from cmiguard.validation import check_device, check_labels, check_logits
 
 
 def _triton_objective(logits, labels, transform, estimator, state, lams):
-    """The fused-kernel path: operands instead of a materialised ``T(z)``."""
+    """The fused-kernel path: operands instead of a materialised ``T(z)``; for a
+    low-rank transform on logits that need no gradient, the two-pass backward
+    (:mod:`cmiguard.kernels.objective_backward`)."""
     from cmiguard.kernels.cmi_loss import ProjectFunction, TritonObjectiveFunction
+    from cmiguard.kernels.objective_backward import fused_objective
 
     params = transform.kernel_params()
-    if params.get("weight") is not None or transform.guard_margin is not None:
-        # the guard is not affine: the kernels take the guarded T(z) as given, autograd the rest
-        x, u, b, scale, bias = transform.apply_fp32(logits), None, None, None, None
-    else:
-        x, b, scale, bias = logits, params.get("b"), params.get("scale"), params.get("bias")
-        u = ProjectFunction.apply(logits, params["a"]) if params.get("a") is not None else None
     log_q = None
     if estimator == "streaming":
         state = state if state is not None else StreamingCentroids(transform.vocab_size)
@@ -38,6 +35,15 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
             t = transform.apply_fp32(logits)
         log_q = state.log_centroids(t, labels, lams[3], lams[4])
         del t
+    if params.get("weight") is not None or transform.guard_margin is not None:
+        # the guard is not affine: the kernels take the guarded T(z) as given, autograd the rest
+        x, u, b, scale, bias = transform.apply_fp32(logits), None, None, None, None
+    else:
+        fused = fused_objective(logits, params, labels, log_q, lams)
+        if fused is not None:
+            return fused
+        x, b, scale, bias = logits, params.get("b"), params.get("scale"), params.get("bias")
+        u = ProjectFunction.apply(logits, params["a"]) if params.get("a") is not None else None
     return TritonObjectiveFunction.apply(x, u, b, scale, bias, logits, labels, log_q, *lams)
 
 
