@@ -97,3 +97,58 @@ def min_bytes(case: Case, elem: int = 4) -> int:
     and writes the output; a training step reads them in the forward and again
     in the backward (it keeps no [N, V] state in between)."""
     return 2 * case.n * case.v * elem + 2 * case.v * case.rank * 4
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Full passes over ``[N, V]`` (reads, writes) and kernel launches of one op."""
+
+    reads: int
+    writes: int
+    launches: int
+
+    @property
+    def passes(self) -> int:
+        return self.reads + self.writes
+
+
+# what each kernel reads and writes of [N, V] (tests/test_traffic.py counts the
+# launches an op really makes and checks them against TRAFFIC)
+KERNEL_PASSES = {
+    "project_kernel": (1, 0),
+    "lse_kernel": (1, 0),
+    "purify_kernel": (1, 1),
+    "stats_kernel": (1, 0),
+    "grad_u_kernel": (1, 0),
+    "grad_factors_kernel": (1, 0),
+}
+# ours, low-rank family, on the Triton path (torch's sum of the [splits, N, r]
+# partials of u counts as a launch, not as a pass)
+TRAFFIC = {
+    "purify_logprobs": Traffic(3, 1, 4),  # project, sum, lse, write
+    "purify_logits": Traffic(2, 1, 3),  # project, sum, write
+    # kernel launches only: project, lse, scatter, cross | grad_u, grad_factors (the
+    # streaming estimator still builds T(z) in torch for its centroid lookup)
+    "train_exact": Traffic(6, 0, 6),
+}
+# the floors of docs/DESIGN.md: u = zA needs a whole read before any output exists
+FLOOR = {
+    "purify_logprobs": Traffic(3, 1, 3),
+    "purify_logits": Traffic(2, 1, 2),
+    "train_exact": Traffic(5, 0, 4),
+}
+
+
+def traffic_key(case: Case) -> str:
+    return "purify_logprobs" if case.op == "purify" else "train_exact"
+
+
+def moved_bytes(case: Case, elem: int = 4, block_n: int = 32, factor_bytes: int = 4) -> int:
+    """Bytes our op moves by the model: its passes over ``[N, V]``, plus the factor
+    tiles each pass that recomputes ``T(z)`` loads (``B`` per row block:
+    ``r·bytes_f/BLOCK_N`` per logit, as docs/DESIGN.md counts them; caches may
+    serve part of it)."""
+    t = TRAFFIC[traffic_key(case)]
+    logits = case.n * case.v
+    factor_passes = t.reads  # every read recomputes T(z) or projects through A
+    return t.passes * logits * elem + factor_passes * logits * case.rank * factor_bytes // block_n

@@ -27,7 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.problems import Case, implementations, make_inputs, min_bytes  # noqa: E402
+from bench.problems import (  # noqa: E402
+    FLOOR,
+    TRAFFIC,
+    Case,
+    implementations,
+    make_inputs,
+    min_bytes,
+    moved_bytes,
+    traffic_key,
+)
 
 HERE = Path(__file__).resolve().parent
 VOCABS = (32_000, 49_152, 151_936)
@@ -115,11 +124,17 @@ def measure(case: Case, device: str, repeats: int, with_memory: bool) -> dict:
             t.zero_grad(set_to_none=True)
     row["output_bytes"] = case.n * case.v * 4
     row["tokens_per_s"] = case.n / row["ours_s"] if "ours_s" in row else None
+    key = traffic_key(case)
+    row["passes"], row["floor_passes"] = TRAFFIC[key].passes, FLOOR[key].passes
+    row["launches"], row["moved_bytes"] = TRAFFIC[key].launches, moved_bytes(case)
     if device == "cuda" and "ours_s" in row:
         name = torch.cuda.get_device_name()
         peak = next((bw for key, bw in BANDWIDTH.items() if key in name), None)
         row["gbps"] = min_bytes(case) / row["ours_s"] / 1e9
         row["roofline"] = row["gbps"] / peak if peak else None
+        # the time the floor's passes take at the device's bandwidth, over ours
+        floor_s = FLOOR[key].passes * case.n * case.v * 4 / (peak * 1e9) if peak else None
+        row["of_floor"] = floor_s / row["ours_s"] if floor_s else None
     return row
 
 
@@ -131,7 +146,8 @@ def table(rows: list[dict], device: str) -> str:
     gpu = device == "cuda"
     head = "| op | N | V | r | ours ms | eager ms | compile ms | eager/ours | compile/ours |"
     head += " tokens/s | peak MiB ours | peak MiB eager | output MiB |"
-    head += " GB/s | roofline |" if gpu else ""
+    head += " passes ours / floor | launches | MiB moved (model) |"
+    head += " GB/s | roofline | of pass floor |" if gpu else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms = {k: r.get(f"{k}_s") for k in ("ours", "eager", "compile")}
@@ -144,10 +160,14 @@ def table(rows: list[dict], device: str) -> str:
             fmt_bytes(r.get("ours_peak")),
             fmt_bytes(r.get("eager_peak")),
             fmt_bytes(r["output_bytes"]),
+            f"{r['passes']} / {r['floor_passes']}",
+            str(r["launches"]),
+            fmt_bytes(r["moved_bytes"]),
         ]
         if gpu:
             cells += [f"{r['gbps']:.0f}" if r.get("gbps") else "–"]
             cells += [f"{r['roofline']:.0%}" if r.get("roofline") else "–"]
+            cells += [f"{r['of_floor']:.0%}" if r.get("of_floor") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

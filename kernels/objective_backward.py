@@ -200,7 +200,7 @@ class FusedLowRankObjective(torch.autograd.Function):
         temperature,
         min_count,
     ):
-        u = project(z, a)
+        u = project(z, a, check=True)  # the input check rides on the first read
         ops = {"x": z, "u": u, "b": b.contiguous(), "scale": scale, "bias": bias}
         lams = (lam_cmi, lam_ce, lam_kl, temperature, min_count)
         loss, out_stats, saved = objective_forward(ops, z, labels, log_centroids, *lams)
@@ -250,14 +250,20 @@ class FusedLowRankObjective(torch.autograd.Function):
         return None, grad_a, grad_b, grad_scale, grad_bias, *([None] * 7)
 
 
+def fusable(z: Tensor, params: dict[str, Tensor | None]) -> bool:
+    """Whether the fused step applies: a low-rank transform of rank ≤ 128 on
+    logits that need no gradient (a frozen teacher's)."""
+    a = params.get("a")
+    return a is not None and a.shape[1] <= MAX_FUSED_RANK and not z.requires_grad
+
+
 def fused_objective(
     z: Tensor, params: dict[str, Tensor | None], labels: Tensor, log_q: Tensor | None, lams: tuple
 ) -> tuple[Tensor, Tensor] | None:
-    """The fused step for a low-rank transform whose logits need no gradient
-    (a frozen teacher's), or None where it does not apply."""
-    a = params.get("a")
-    if a is None or a.shape[1] > MAX_FUSED_RANK or z.requires_grad:
+    """The fused step (it checks the logits' values itself), or None where it
+    does not apply (:func:`fusable`)."""
+    if not fusable(z, params):
         return None
     return FusedLowRankObjective.apply(
-        z, a, params["b"], params.get("scale"), params.get("bias"), labels, log_q, *lams
+        z, params["a"], params["b"], params.get("scale"), params.get("bias"), labels, log_q, *lams
     )

@@ -107,28 +107,34 @@ def purify_kernel(
         tl.store(f + 2, finite, mask=row_ok)
 
 
-def project(z: Tensor, a: Tensor) -> Tensor:
+def project(z: Tensor, a: Tensor, check: bool = False) -> Tensor:
     """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]`` (per-chunk partial
     products summed in torch, so the result does not depend on the order
-    programs finish in)."""
+    programs finish in). With ``check`` the same read checks the logits
+    (:func:`raise_on_bad_input`): no separate validation pass."""
     n, v = z.shape
     r = a.shape[1]
     cfg = launch_config(n, v, r)
     splits, chunk = vocab_split(n, v, cfg, z.device)
     part = torch.empty(splits, n, r, dtype=torch.float32, device=z.device)
+    flags = torch.empty((splits, n, 3), dtype=torch.int32, device=z.device) if check else part
     grid = (triton.cdiv(n, cfg.block_n), splits, triton.cdiv(r, cfg.block_r))
     project_kernel[grid](
         z,
         a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
         part,
+        flags,
         n,
         v,
         chunk,
         z.stride(0),
         r,
+        check,
         *cfg.constexprs,
         **cfg.options,
     )
+    if check:
+        raise_on_bad_input(flags.sum(0))
     return part.sum(0)
 
 

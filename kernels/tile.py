@@ -181,26 +181,39 @@ def project_kernel(
     z_ptr,
     a_ptr,
     part_ptr,
+    flags_ptr,
     N,
     V,
     v_chunk,
     stride_z,
     R: tl.constexpr,
+    CHECK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """``z A`` over one vocabulary chunk and ``BLOCK_R`` of A's columns, masked
-    (``-inf``) logits read as 0: ``part[split, row, r]``."""
+    (``-inf``) logits read as 0: ``part[split, row, r]``. With ``CHECK`` the
+    first column block also counts NaN, ``+inf`` and finite inputs per (chunk,
+    row) into ``flags`` (as the purify write pass does)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    check = CHECK and tl.program_id(2) == 0
+    nans = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    infs = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    finite = tl.zeros((BLOCK_N,), dtype=tl.int32)
     v_lo = split * v_chunk
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = load_tile(z_ptr, rows, cols, N, V, stride_z, 0.0)
+        if check:
+            ok = (rows[:, None] < N) & (cols[None, :] < V)
+            nans += tl.sum(tl.where(ok & (z != z), 1, 0), axis=1)
+            infs += tl.sum(tl.where(ok & (z == float("inf")), 1, 0), axis=1)
+            finite += tl.sum(tl.where(ok & (z == z) & (tl.abs(z) < float("inf")), 1, 0), axis=1)
         z = tl.where(z == float("-inf"), 0.0, z)
         a = tl.load(
             a_ptr + cols[:, None].to(tl.int64) * R + rr[None, :],
@@ -213,6 +226,11 @@ def project_kernel(
         acc,
         mask=(rows[:, None] < N) & (rr[None, :] < R),
     )
+    if check:
+        f = flags_ptr + (split * N + rows).to(tl.int64) * 3
+        tl.store(f, nans, mask=rows < N)
+        tl.store(f + 1, infs, mask=rows < N)
+        tl.store(f + 2, finite, mask=rows < N)
 
 
 @triton.jit

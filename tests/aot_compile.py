@@ -77,8 +77,8 @@ def main():
         ),
         compile_one(
             project_kernel,
-            {"R": 256, "BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "ieee"},
-            {"z_ptr": "*fp16"},
+            {"R": 256, "CHECK": True, "BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "ieee"},
+            {"z_ptr": "*fp16", "flags_ptr": "*i32"},
         ),
     ]
     ints = {"labels_ptr": "*i64", "group_ptr": "*i64"}

@@ -344,3 +344,15 @@ def test_the_fused_path_is_the_one_taken(monkeypatch, force):
     assert calls == [1] and transform.a.grad.dtype == torch.float32
     anti_distillation_loss(z.clone().requires_grad_(True), labels, transform)
     assert calls == [1]
+
+
+def test_the_fused_step_checks_the_input_as_it_projects(force):
+    transform = trained_like(LowRankTransform(300, 4), scale=0.02).to(DEVICE)
+    labels = torch.arange(6, device=DEVICE) % 3
+    force("triton")
+    for poison, message in [(float("nan"), "contain NaN"), (float("inf"), r"contain \+inf")]:
+        z = awkward_logits(6, 300)
+        labels[0] = int(z[0].argmax())
+        z[4, 17] = poison
+        with pytest.raises(ValueError, match=message):
+            anti_distillation_loss(z, labels, transform)

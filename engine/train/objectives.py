@@ -47,9 +47,12 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
     return TritonObjectiveFunction.apply(x, u, b, scale, bias, logits, labels, log_q, *lams)
 
 
-def _check_rows(logits: Tensor, labels: Tensor, transform: LogitTransform) -> None:
-    """Validated ``[N, V]`` logits and labels, no label on a masked token."""
-    check_logits(logits, transform.vocab_size)
+def _check_rows(
+    logits: Tensor, labels: Tensor, transform: LogitTransform, scan: bool = True
+) -> None:
+    """Validated ``[N, V]`` logits and labels, no label on a masked token
+    (``scan=False``: the values are checked by the kernel that reads them)."""
+    check_logits(logits, transform.vocab_size, scan=scan)
     check_device(logits, transform)
     check_labels(labels, logits.shape[0], transform.vocab_size)
     if logits.dim() != 2:
@@ -91,7 +94,11 @@ def anti_distillation_loss(
         raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
     lams = (lambda_cmi, lambda_ce, lambda_kl, temperature, min_count)
     if backend(logits) == "triton":
-        _check_rows(logits, labels, transform)
+        from cmiguard.kernels.objective_backward import fusable
+
+        # the fused step checks the values as it reads them: no validation pass
+        fused = transform.guard_margin is None and fusable(logits, transform.kernel_params())
+        _check_rows(logits, labels, transform, scan=not fused)
         loss, stats = _triton_objective(logits, labels, transform, estimator, state, lams)
     else:
         t = _transformed(logits, labels, transform)

@@ -1,0 +1,60 @@
+"""The traffic model of bench/problems.py against what the ops really launch
+(counted under the interpreter): passes over [N, V] and kernel launches."""
+
+import pytest
+import torch
+
+from bench.problems import KERNEL_PASSES, TRAFFIC, Traffic
+from cmiguard import LowRankTransform, anti_distillation_loss, purify
+from cmiguard.kernels import cmi_loss, objective_backward
+from cmiguard.kernels import purify as purify_module
+from tests.conftest import trained_like
+from tests.test_kernels import DEVICE, awkward_logits
+
+MODULES = (purify_module, cmi_loss, objective_backward)
+
+
+class Counted:
+    """A kernel whose launches are recorded by name."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    seen: list[str] = []
+    for module in MODULES:
+        for name in KERNEL_PASSES:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, Counted(getattr(module, name), name, seen))
+    monkeypatch.setenv("CMIGUARD_BACKEND", "triton")
+    return seen
+
+
+def measured(seen: list[str], torch_launches: int) -> Traffic:
+    reads = sum(KERNEL_PASSES[name][0] for name in seen)
+    writes = sum(KERNEL_PASSES[name][1] for name in seen)
+    return Traffic(reads, writes, len(seen) + torch_launches)
+
+
+@pytest.mark.parametrize("output", ["logprobs", "logits"])
+def test_purify_launches_what_the_model_says(launches, output):
+    t = trained_like(LowRankTransform(1000, 8), scale=0.01).to(DEVICE)
+    purify(awkward_logits(5, 1000), t, output=output)
+    # + 1: torch's sum of u's per-chunk partials
+    assert measured(launches, 1) == TRAFFIC[f"purify_{output}"]
+    assert launches[0] == "project_kernel"  # no validation pass before it
+
+
+def test_a_training_step_launches_what_the_model_says(launches):
+    t = trained_like(LowRankTransform(1000, 8), scale=0.01).to(DEVICE)
+    z = awkward_logits(9, 1000)
+    labels = torch.tensor([int(z[0].argmax()), 1, 1, 2, 2, 3, 3, 4, 4], device=DEVICE)
+    anti_distillation_loss(z, labels, t).backward()
+    assert measured(launches, 0) == TRAFFIC["train_exact"]
+    assert TRAFFIC["train_exact"].passes <= 6 and "grad_kernel" not in launches
