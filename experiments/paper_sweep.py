@@ -1,4 +1,5 @@
-"""Can the seed's objective move while the teacher's answers stay? A sweep.
+"""Can the seed's objective move while the teacher's answers stay? A sweep
+(and three settings of the direct CMI objective under the same treatment).
 
     python experiments/paper_sweep.py --out experiments/results/paper_sweep
 
@@ -59,6 +60,15 @@ SETTINGS: dict[str, dict] = {
         "utility": "teacher_ce",
         "init": "seed",
         "lr": 3e-7,
+        **GUARD,
+    },
+    # the direct objective (CMI + utility), same treatment: τ = 1, guard, selection on CMI
+    "cmi-guard-kl-lr1e-5": {"objective": "cmi", "utility": "kl", "lr": 1e-5, **GUARD},
+    "cmi-guard-kl-lr1e-4": {"objective": "cmi", "utility": "kl", "lr": 1e-4, **GUARD},
+    "cmi-guard-teacher_ce-lr1e-4": {
+        "objective": "cmi",
+        "utility": "teacher_ce",
+        "lr": 1e-4,
         **GUARD,
     },
 }
