@@ -193,18 +193,19 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from cmiguard.fold import fold_into_lm_head
     from cmiguard.train.models import load_model
 
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, need_tokenizer=False)
     rows = model.get_output_embeddings().weight.shape[0]
-    transform = load_transform(
-        args.transform, vocab_size=rows, vocab_fingerprint=vocab_fingerprint(tokenizer)
-    )
+    # without a tokenizer only the vocabulary size can be checked
+    fingerprint = vocab_fingerprint(tokenizer) if tokenizer is not None else None
+    transform = load_transform(args.transform, vocab_size=rows, vocab_fingerprint=fingerprint)
     fold_into_lm_head(model, transform)
     # written whole or not at all: a folded checkpoint half on disk would serve raw logits
     from cmiguard.checkpoint import atomic_directory
 
     with atomic_directory(args.out) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     print(f"folded model written to {args.out}")
     return 0
 

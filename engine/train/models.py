@@ -83,12 +83,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(
-    spec: str | os.PathLike, dtype: str = "float32", device: str | torch.device = "cpu"
+    spec: str | os.PathLike,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    need_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any]:
     """A causal LM and its tokenizer, offline: ``"teacher"`` (the bundled
     SmolLM2-135M) or a local Hugging Face directory (safetensors, or a single
     ``.gguf`` file in it or given directly). The tokenizer must have a pad
-    token or an end-of-sequence token to pad with."""
+    token or an end-of-sequence token to pad with; without ``need_tokenizer``
+    a directory that has none gives ``None`` (folding needs no tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -115,14 +119,16 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: no tokenizer could be loaded ({exc})") from exc
+        if need_tokenizer:
+            raise ValueError(f"{path}: no tokenizer could be loaded ({exc})") from exc
+        tokenizer = None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"{path}: not a causal language model transformers can load ({exc})"
         ) from exc
-    if tokenizer.pad_token_id is None:
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
