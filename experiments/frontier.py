@@ -11,34 +11,39 @@ calibration articles, 128 held-out, 240 steps), students in bf16 autocast.
 x = users' log-likelihood accuracy on the held-out capital questions, y =
 gap closed under the strongest attacker against the SFT floor and the top-1
 student. Writes ``OUT/seed<S>/evaluation.*`` after every student (a rerun
-resumes, and may add points or seeds) and ``OUT/frontier.{md,json,png}``
-after every seed.
+resumes, and may add points or seeds) and ``OUT/frontier.{md,json,png}`` after
+every seed; ``--report`` rewrites the frontier from the students so far (a
+stopped run's whole columns). The learned transforms run first, then the
+baselines nearest them in users' accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
 from cmiguard.attack.evaluation import EvalConfig
-from cmiguard.attack.frontier import run_frontier
+from cmiguard.attack.frontier import frontier, run_frontier, write_frontier
 from cmiguard.checkpoint import load_transform, vocab_fingerprint
 from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
 from cmiguard.train.models import load_teacher
 
+# nearest the learned transforms' users' accuracy first, so that a stopped run
+# has the comparisons that decide the verdict
 BASELINES = (
-    "soften@1.5",
-    "soften@2",
-    "soften@3.24",
-    "soften@10",
-    "top_k@20",
-    "top_k@5",
-    "top_k@1",
     "noise@0.25",
     "noise@0.5",
     "noise@1",
+    "top_k@20",
+    "soften@1.5",
+    "soften@2",
+    "top_k@5",
+    "soften@3.24",
+    "top_k@1",
+    "soften@10",
 )
 
 
@@ -51,7 +56,15 @@ def main() -> int:
     parser.add_argument("--articles", type=int, default=384)
     parser.add_argument("--heldout-articles", type=int, default=128)
     parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--report", action="store_true", help="rewrite frontier.* only")
     args = parser.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report")
+    if args.report:
+        seeds = [args.out / f"seed{s}" / "evaluation.json" for s in args.seeds.split(",")]
+        runs = [json.loads(p.read_text()) for p in seeds if p.exists()]
+        write_frontier(frontier(runs), args.out, command, sum(r["seconds"] for r in runs))
+        print((args.out / "frontier.md").read_text())
+        return 0
     teacher, tokenizer = load_teacher()
     transforms = {}
     for item in args.cmiguard:
@@ -70,10 +83,10 @@ def main() -> int:
         tokenizer.pad_token_id,
         EvalConfig(steps=args.steps, autocast=True),
         [int(s) for s in args.seeds.split(",")],
-        [*baselines, *transforms],
+        [*transforms, *baselines],
         args.out,
         choice_questions(tokenizer, capital_choices("heldout")),
-        "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        command,
     )
     print((args.out / "frontier.md").read_text())
     return 0
