@@ -118,15 +118,22 @@ KERNEL_PASSES = {
     "project_kernel": (1, 0),
     "lse_kernel": (1, 0),
     "purify_kernel": (1, 1),
+    "decode_write_kernel": (1, 1),
+    "fixup_kernel": (1, 1),
     "stats_kernel": (1, 0),
     "grad_u_kernel": (1, 0),
     "grad_factors_kernel": (1, 0),
 }
-# ours, low-rank family, on the Triton path (torch's sum of the [splits, N, r]
-# partials of u counts as a launch, not as a pass)
+# ours, low-rank family, on the Triton path; no torch op between the launches
+# (project_kernel sums its split-K parts itself). The argmax guard adds no
+# pass or launch: its column comes from the project pass, its statistics from
+# the lse (decode: write) pass, its lift is applied where the output is written.
 TRAFFIC = {
-    "purify_logprobs": Traffic(3, 1, 4),  # project, sum, lse, write
-    "purify_logits": Traffic(2, 1, 3),  # project, sum, write
+    "purify_logprobs": Traffic(3, 1, 3),  # project, lse, write
+    "purify_logits": Traffic(2, 1, 2),  # project, write
+    # N <= DECODE_MAX_ROWS: project, write T(z)/τ and chunk lse, fix-up. One more
+    # small [N, V] write instead of a second read of B, the traffic at decode sizes
+    "purify_decode_logprobs": Traffic(3, 2, 3),
     # kernel launches only: project, lse, scatter, cross | grad_u, grad_factors (the
     # streaming estimator still builds T(z) in torch for its centroid lookup)
     "train_exact": Traffic(6, 0, 6),
@@ -135,6 +142,7 @@ TRAFFIC = {
 FLOOR = {
     "purify_logprobs": Traffic(3, 1, 3),
     "purify_logits": Traffic(2, 1, 2),
+    "purify_decode_logprobs": Traffic(3, 1, 3),
     "train_exact": Traffic(5, 0, 4),
 }
 

@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from cmiguard.kernels.config import launch_config, vocab_split
-from cmiguard.kernels.purify import kernel_flags, kernel_operands, project, row_lse
+from cmiguard.kernels.operands import kernel_flags, kernel_operands
+from cmiguard.kernels.purify import project, row_lse
 from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
 from cmiguard.kernels.tile import load_tile, objective_grad, row_terms, transform_tile
 

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from cmiguard.kernels.cmi_loss import objective_forward
 from cmiguard.kernels.config import PROGRAMS_PER_SM, interpreting, launch_config, vocab_split
-from cmiguard.kernels.purify import kernel_flags, kernel_operands, project
+from cmiguard.kernels.operands import kernel_flags, kernel_operands
+from cmiguard.kernels.purify import project
 from cmiguard.kernels.tile import objective_grad, row_terms, transform_tile_and_x
 
 MAX_FUSED_RANK = 128

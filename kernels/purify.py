@@ -1,15 +1,19 @@
 """Fused purify: transform + temperature + (log-)softmax, no ``[N, V]`` temporary.
 
 Each launch runs one program per (row block, vocabulary chunk), so that a
-single decode row still spreads over the chip (:func:`vocab_split`).
-``output="logits"`` reads the logits once and writes ``T(z)/τ``;
-``"logprobs"`` first takes per-chunk log-sum-exps (:func:`lse_kernel`,
-combined in torch: ``[N, splits]`` is small), then writes. The low-rank
-product ``u = z A`` is one more read (:func:`project`). Top-k goes through
-a bounded chunk of rows.
+single decode row still spreads over the chip (:func:`vocab_split`). The
+low-rank product ``u = z A`` is one read (:func:`project`, which also finds
+the guard's column). ``output="logits"`` then reads the logits once more and
+writes ``T(z)/τ``; ``"logprobs"`` (and the argmax guard) first take per-chunk
+log-sum-exps (:func:`lse_kernel`), which the write pass combines itself: no
+torch op between launches. Decode batches take :mod:`cmiguard.kernels.decode`
+instead. Top-k goes through a bounded chunk of rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -17,8 +21,16 @@ import triton.language as tl
 from torch import Tensor
 
 from cmiguard.kernels.config import LaunchConfig, launch_config, vocab_split
+from cmiguard.kernels.decode import DECODE_MAX_ROWS, launch_decode
+from cmiguard.kernels.operands import kernel_flags, kernel_operands
 from cmiguard.kernels.reference import affine_logits, row_chunks
-from cmiguard.kernels.tile import lse_kernel, project_kernel, transform_tile_and_x
+from cmiguard.kernels.tile import (
+    combine_lse,
+    guard_lift,
+    lse_kernel,
+    project_kernel,
+    transform_tile_and_x,
+)
 
 
 @triton.jit
@@ -31,7 +43,7 @@ def purify_kernel(
     out_ptr,
     lse_ptr,
     j_ptr,
-    lift_ptr,
+    guard_ptr,
     flags_ptr,
     N,
     V,
@@ -39,8 +51,8 @@ def purify_kernel(
     stride_x,
     stride_out,
     inv_tau,
+    margin,
     lse_splits,
-    lse_stride,
     R: tl.constexpr,
     HAS_LOWRANK: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -54,33 +66,22 @@ def purify_kernel(
     DOT: tl.constexpr,
 ):
     """``T(z)/τ`` (minus the row's log-sum-exp for log-probs) over one chunk;
-    with ``GUARD`` column ``j[row]`` holds ``lift[row]`` instead of ``T(z)``.
+    with ``GUARD`` column ``j[row]`` holds its lifted value (:func:`guard_lift`).
 
-    The row log-sum-exp is combined here from the lse pass's per-chunk parts
-    (``lse[split, row]`` at ``lse_ptr + (split·N + row)·lse_stride``). With
-    ``CHECK`` the input tiles are checked on the way: per (chunk, row), the
-    counts of NaN, of ``+inf`` and of finite entries go to ``flags``, so no
-    separate validation pass reads the logits."""
+    The row's log-sum-exp (and the guard's lift) are combined here from the
+    lse pass's per-chunk parts (:func:`lse_kernel`: ``lse[split, row, 0]``,
+    ``guard[split, row, 0..2]``), so no torch op sits between the passes.
+    With ``CHECK`` the input tiles are checked on the way: per (chunk, row),
+    the counts of NaN, of ``+inf`` and of finite entries go to ``flags``, so
+    no separate validation pass reads the logits."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_out
-    if LOGPROBS:
-        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for sp in range(0, lse_splits):
-            part = tl.load(
-                lse_ptr + (sp * N + rows).to(tl.int64) * lse_stride,
-                mask=row_ok,
-                other=float("-inf"),
-            )
-            m_new = tl.maximum(m, part)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            total = total * tl.exp(m - m_safe) + tl.exp(part - m_safe)
-            m = m_new
-        lse = tl.where(m == float("-inf"), 0.0, m + tl.log(tl.maximum(total, 1e-30)))
     if GUARD:
         jj = tl.load(j_ptr + rows, mask=row_ok, other=-1)
-        lift = tl.load(lift_ptr + rows, mask=row_ok, other=0.0)
+        lift, lse = guard_lift(guard_ptr, rows, row_ok, N, lse_splits, margin, inv_tau)
+    elif LOGPROBS:
+        lse = combine_lse(lse_ptr, rows, row_ok, N, lse_splits, 3)
     if CHECK:
         nans = tl.zeros((BLOCK_N,), dtype=tl.int32)
         infs = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -107,35 +108,70 @@ def purify_kernel(
         tl.store(f + 2, finite, mask=row_ok)
 
 
-def project(z: Tensor, a: Tensor, check: bool = False) -> Tensor:
-    """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]`` (per-chunk partial
-    products summed in torch, so the result does not depend on the order
+def project(
+    z: Tensor, a: Tensor, check: bool = False, argmax: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]``, one launch
+    (:func:`project_kernel`: a split-K product whose last program per block
+    sums the parts in split order, so the result does not depend on the order
     programs finish in). With ``check`` the same read checks the logits
-    (:func:`raise_on_bad_input`): no separate validation pass."""
+    (:func:`raise_on_bad_input`); with ``argmax`` it also returns each row's
+    raw argmax ``[N]`` (int64), the argmax guard's column."""
     n, v = z.shape
     r = a.shape[1]
     cfg = launch_config(n, v, r)
     splits, chunk = vocab_split(n, v, cfg, z.device)
-    part = torch.empty(splits, n, r, dtype=torch.float32, device=z.device)
-    flags = torch.empty((splits, n, 3), dtype=torch.int32, device=z.device) if check else part
     grid = (triton.cdiv(n, cfg.block_n), splits, triton.cdiv(r, cfg.block_r))
-    project_kernel[grid](
-        z,
-        a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
-        part,
-        flags,
-        n,
-        v,
-        chunk,
-        z.stride(0),
-        r,
-        check,
-        *cfg.constexprs,
-        **cfg.options,
-    )
+    part = torch.empty(splits, n, r, dtype=torch.float32, device=z.device)
+    u = torch.empty(n, r, dtype=torch.float32, device=z.device)
+    flags = torch.empty((splits, n, 3), dtype=torch.int32, device=z.device) if check else part
+    am_val = torch.empty(splits, n, dtype=torch.float32, device=z.device) if argmax else part
+    am_idx = torch.empty(splits, n, dtype=torch.long, device=z.device) if argmax else part
+    j = torch.empty(n, dtype=torch.long, device=z.device) if argmax else part
+    with tickets(z.device, grid[0] * grid[2]) as count:
+        project_kernel[grid](
+            z,
+            a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
+            part,
+            u,
+            flags,
+            am_val,
+            am_idx,
+            j,
+            count,
+            n,
+            v,
+            chunk,
+            splits,
+            z.stride(0),
+            r,
+            check,
+            argmax,
+            *cfg.constexprs,
+            **cfg.options,
+        )
     if check:
         raise_on_bad_input(flags.sum(0))
-    return part.sum(0)
+    return (u, j) if argmax else u
+
+
+_TICKETS: dict[tuple, Tensor] = {}
+
+
+@contextmanager
+def tickets(device: torch.device, count: int) -> Iterator[Tensor]:
+    """``count`` zeroed int32 counters for :func:`project_kernel`'s last-program
+    reduction, kept per (device, stream) between calls: the kernel leaves them
+    zero, so no memset launch. A launch that raised may have left them dirty:
+    the set is only put back after a launch returns (a concurrent caller on the
+    same stream gets fresh ones)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _TICKETS.pop(key, None)
+    if have is None or have.numel() < count:
+        have = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+    yield have
+    _TICKETS[key] = have
 
 
 def row_lse(
@@ -145,15 +181,11 @@ def row_lse(
     cfg: LaunchConfig,
     need_t: bool = False,
     need_z: bool = False,
-    guard_cols: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor:
     """``[N, 3]`` fp32: the log-sum-exps of ``T(z)/τ``, ``T(z)`` (if ``need_t``)
-    and ``z`` (if ``need_z``); 0 for an all-masked row (its outputs stay ``-inf``).
-    With ``guard_cols`` (``[N]`` int64) also ``[N, 2]``: per row the largest
-    ``T(z)`` off that column and ``T(z)`` on it."""
-    part, g_part = row_lse_parts(ops, z, temperature, cfg, need_t, need_z, guard_cols)
-    lse = torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
-    return (lse, g_part.amax(0)) if guard_cols is not None else lse
+    and ``z`` (if ``need_z``); 0 for an all-masked row (its outputs stay ``-inf``)."""
+    part, _ = row_lse_parts(ops, z, temperature, cfg, need_t, need_z)
+    return torch.logsumexp(part, 0).nan_to_num(neginf=0.0)
 
 
 def row_lse_parts(
@@ -165,14 +197,15 @@ def row_lse_parts(
     need_z: bool = False,
     guard_cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The lse pass's per-chunk results, uncombined: ``[splits, N, 3]`` and the
-    guard's ``[splits, N, 2]`` (``[1, N, 2]`` unused without ``guard_cols``)."""
+    """The lse pass's per-chunk results, uncombined: ``[splits, N, 3]`` and, with
+    ``guard_cols`` (``[N]`` int64), the guard's ``[splits, N, 3]`` (``[1, N, 3]``
+    unused without)."""
     x = ops["x"]
     n, v = x.shape
     splits, chunk = vocab_split(n, v, cfg, x.device)
-    part = torch.full((splits, n, 3), float("-inf"), dtype=torch.float32, device=x.device)
+    part = torch.empty((splits, n, 3), dtype=torch.float32, device=x.device)
     guard = guard_cols is not None
-    g_part = torch.full((splits if guard else 1, n, 2), float("-inf"), device=x.device)
+    g_part = torch.empty((splits if guard else 1, n, 3), dtype=torch.float32, device=x.device)
     lse_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         *kernel_operands(ops),
         z,
@@ -195,55 +228,43 @@ def row_lse_parts(
     return part, g_part
 
 
-def kernel_operands(ops: dict[str, object]) -> tuple:
-    """``(x, u, b, scale, bias)`` for a launch, a 1-element dummy for what is absent."""
-    x = ops["x"]
-    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
-    return (
-        x,
-        *(ops.get(k) if ops.get(k) is not None else dummy for k in ("u", "b", "scale", "bias")),
-    )
-
-
-def kernel_flags(ops: dict[str, object]) -> tuple:
-    """``(R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS)``."""
-    u = ops.get("u")
-    return (
-        u.shape[1] if u is not None else 0,
-        u is not None,
-        ops.get("scale") is not None,
-        ops.get("bias") is not None,
-    )
-
-
-def transform_operands(z: Tensor, params: dict[str, Tensor | None]) -> dict[str, object]:
+def transform_operands(
+    z: Tensor, params: dict[str, Tensor | None], check: bool = False, argmax: bool = False
+) -> dict[str, object]:
     """What the kernels take for a transform: ``x`` (z, or the dense product),
-    ``u = z A`` and the per-column tensors, all contiguous fp32 except ``x``."""
+    ``u = z A`` and the per-column tensors, all contiguous fp32 except ``x``;
+    with ``argmax`` also each row's raw argmax (``"argmax"``, taken on the
+    projection's read when there is one). ``check`` checks ``z`` on the
+    projection's read (it is the caller's job when there is none)."""
     if params.get("weight") is not None:
-        return {"x": affine_logits(z, weight=params["weight"], bias=params.get("bias"))}
-    ops: dict[str, object] = {"x": z}
-    if params.get("a") is not None:
-        ops["u"] = project(z, params["a"])
-        ops["b"] = params["b"].contiguous()  # fp32 or bf16, read in fp32
-    for key in ("scale", "bias"):
-        if params.get(key) is not None:
-            ops[key] = params[key].float().contiguous()
+        ops: dict[str, object] = {
+            "x": affine_logits(z, weight=params["weight"], bias=params.get("bias"))
+        }
+    else:
+        ops = {"x": z}
+        if params.get("a") is not None:
+            projected = project(z, params["a"], check, argmax)
+            ops["u"], ops["argmax"] = projected if argmax else (projected, None)
+            ops["b"] = params["b"].contiguous()  # fp32 or bf16, read in fp32
+        for key in ("scale", "bias"):
+            if params.get(key) is not None:
+                ops[key] = params[key].float().contiguous()
+    if argmax and ops.get("argmax") is None:
+        ops["argmax"] = z.argmax(-1).contiguous()
     return ops
 
 
-def guard_lift(
-    lse: Tensor, off_on: Tensor, margin: float, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """The argmax guard from :func:`row_lse`'s guard columns: each row's lifted
-    ``T(z)_j`` and the log-sum-exp of ``T(z)/τ`` with it in place of the old value
-    (changed only where the guard lifts, so no cancellation elsewhere)."""
-    runner_up, t_j = off_on.unbind(1)
-    lift = torch.maximum(t_j, runner_up + margin)
-    lifted = lift > t_j
-    # log(Σ_{k≠j} e^{t_k/τ}): where lifted, t_j < runner_up + margin bounds the cancellation
-    rest = lse + torch.log1p(-torch.exp(t_j / temperature - lse).clamp(max=1.0))
-    new = torch.where(lifted, torch.logaddexp(rest, lift / temperature), lse)
-    return lift.contiguous(), new.contiguous()
+def takes_decode_path(n_rows: int, params: dict[str, Tensor | None], logprobs: bool, guard) -> bool:
+    """Decode batches of a low-rank transform whose output needs row statistics
+    (log-probs or the guard): written once from a single recompute of ``T(z)``
+    and fixed up (:mod:`cmiguard.kernels.decode`), because there the factor
+    tiles, not the logits, are the traffic."""
+    return (
+        n_rows <= DECODE_MAX_ROWS
+        and params.get("weight") is None
+        and params.get("a") is not None
+        and (logprobs or guard is not None)
+    )
 
 
 def launch_purify(
@@ -255,31 +276,26 @@ def launch_purify(
     check: bool = True,
 ) -> None:
     """Purify all rows of ``ops["x"]`` into ``out``: the lse pass first for
-    log-probs (and for the guard, whose statistics it also takes), then the
-    write pass, which combines the row log-sum-exps itself and, with
-    ``check``, counts NaN, ``+inf`` and finite inputs; then one sync to raise
-    on bad input with :func:`cmiguard.validation.check_logits`' messages."""
+    log-probs and the guard (it takes the guard's statistics too), then the
+    write pass, which combines them itself and, with ``check``, counts NaN,
+    ``+inf`` and finite inputs; then one sync to raise on bad input with
+    :func:`cmiguard.validation.check_logits`' messages."""
     x = ops["x"]
     n, v = x.shape
     u = ops.get("u")
     cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
-    lse = cols = lift = None
-    lse_splits, lse_stride = 1, 1
-    if guard is not None:
-        cols = ops["argmax"]
-        combined, off_on = row_lse(ops, x, temperature, cfg, guard_cols=cols)
-        lift, lse = guard_lift(combined[:, 0], off_on, guard, temperature)
-    elif logprobs:
-        part, _ = row_lse_parts(ops, x, temperature, cfg)
-        lse, lse_splits, lse_stride = part, part.shape[0], 3  # column 0 of [splits, N, 3]
+    part = g_part = None
+    if logprobs or guard is not None:
+        cols = ops["argmax"] if guard is not None else None
+        part, g_part = row_lse_parts(ops, x, temperature, cfg, guard_cols=cols)
     splits, chunk = vocab_split(n, v, cfg, x.device)
     flags = torch.empty((splits, n, 3), dtype=torch.int32, device=x.device) if check else out
     purify_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         *kernel_operands(ops),
         out,
-        lse if lse is not None else out,
-        cols if cols is not None else out,
-        lift if lift is not None else out,
+        part if part is not None else out,
+        ops["argmax"] if guard is not None else out,
+        g_part if g_part is not None else out,
         flags,
         n,
         v,
@@ -287,8 +303,8 @@ def launch_purify(
         x.stride(0),
         out.stride(0),
         1.0 / temperature,
-        lse_splits,
-        lse_stride,
+        guard or 0.0,
+        part.shape[0] if part is not None else 1,
         *kernel_flags(ops),
         logprobs,
         guard is not None,
@@ -326,22 +342,24 @@ def purify_triton(
     z = z if z.stride(-1) == 1 else z.contiguous()
     logprobs = output == "logprobs"
 
-    def operands(rows: Tensor) -> dict[str, object]:
-        ops = transform_operands(rows, params)
-        if guard is not None:  # one more read of z for now; the project pass could take it
-            ops["argmax"] = rows.argmax(-1).contiguous()
-        return ops
+    def run(rows: Tensor, out: Tensor) -> None:
+        decode = takes_decode_path(rows.shape[0], params, logprobs, guard)
+        ops = transform_operands(rows, params, check=decode, argmax=guard is not None)
+        if decode:
+            launch_decode(ops, out, temperature, logprobs, guard)
+        else:
+            launch_purify(ops, out, temperature, logprobs, guard)
 
     if top_k is None:
         out = torch.empty_like(z)
-        launch_purify(operands(z), out, temperature, logprobs, guard)
+        run(z, out)
         return out
     n, v = z.shape
     values = torch.empty(n, top_k, dtype=z.dtype, device=z.device)
     ids = torch.empty(n, top_k, dtype=torch.long, device=z.device)
     for rows in row_chunks(n, v, chunk_rows):
         block = torch.empty(rows.stop - rows.start, v, dtype=torch.float32, device=z.device)
-        launch_purify(operands(z[rows]), block, temperature, logprobs, guard)
+        run(z[rows], block)
         top_values, top_ids = block.topk(top_k, dim=-1)
         values[rows], ids[rows] = top_values.to(z.dtype), top_ids
     return values, ids

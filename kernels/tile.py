@@ -137,13 +137,16 @@ def lse_kernel(
     """Per vocabulary chunk, the log-sum-exps of ``T(z)/τ`` and, when asked, of
     ``T(z)`` and of the raw ``z``: ``part[split, row, 0..2]``. With ``GUARD``
     also, for the argmax guard around column ``j[row]``, the largest ``T(z)``
-    off that column and ``T(z)`` on it: ``guard[split, row, 0..1]``."""
+    off that column, ``T(z)`` on it and the log-sum-exp of ``T(z)/τ`` off it:
+    ``guard[split, row, 0..2]`` (what the write pass needs to lift ``j``)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     if GUARD:
         jj = tl.load(j_ptr + rows, mask=rows < N, other=-1)
         g_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         g_on = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        m_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s_off = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m1 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m3 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -159,6 +162,7 @@ def lse_kernel(
             on_j = cols[None, :] == jj[:, None]
             g_off = tl.maximum(g_off, tl.max(tl.where(on_j, float("-inf"), t), axis=1))
             g_on = tl.maximum(g_on, tl.max(tl.where(on_j, t, float("-inf")), axis=1))
+            m_off, s_off = online_lse(m_off, s_off, tl.where(on_j, float("-inf"), t * inv_tau))
         if NEED_T:
             m2, s2 = online_lse(m2, s2, t)
         if NEED_Z:
@@ -171,9 +175,46 @@ def lse_kernel(
     if NEED_Z:
         tl.store(out + 2, chunk_lse(m3, s3), mask=row_ok)
     if GUARD:
-        g = guard_ptr + (split * N + rows).to(tl.int64) * 2
+        g = guard_ptr + (split * N + rows).to(tl.int64) * 3
         tl.store(g, g_off, mask=row_ok)
         tl.store(g + 1, g_on, mask=row_ok)
+        tl.store(g + 2, chunk_lse(m_off, s_off), mask=row_ok)
+
+
+@triton.jit
+def combine_lse(part_ptr, rows, row_ok, N, splits, stride):
+    """A row's log-sum-exp from per-chunk ones at ``part_ptr + (split·N + row)·stride``,
+    in split order; 0 for an all-masked row."""
+    m = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    total = tl.zeros(rows.shape, dtype=tl.float32)
+    for sp in range(0, splits):
+        part = tl.load(part_ptr + (sp * N + rows).to(tl.int64) * stride, mask=row_ok, other=float("-inf"))  # fmt: skip
+        m_new = tl.maximum(m, part)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp(m - m_safe) + tl.exp(part - m_safe)
+        m = m_new
+    return tl.where(m == float("-inf"), 0.0, m + tl.log(tl.maximum(total, 1e-30)))
+
+
+@triton.jit
+def guard_lift(guard_ptr, rows, row_ok, N, splits, margin, inv_tau):
+    """The argmax guard from per-chunk guard statistics ``[split, row, 0..2]``
+    (:func:`lse_kernel`): each row's lifted ``T(z)_j = max(T(z)_j, runner-up +
+    margin)`` and the log-sum-exp of ``T(z)/τ`` with it in place, as the off-``j``
+    log-sum-exp plus the lifted term (no cancellation)."""
+    runner_up = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    t_j = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    for sp in range(0, splits):
+        g = guard_ptr + (sp * N + rows).to(tl.int64) * 3
+        runner_up = tl.maximum(runner_up, tl.load(g, mask=row_ok, other=float("-inf")))
+        t_j = tl.maximum(t_j, tl.load(g + 1, mask=row_ok, other=float("-inf")))
+    lift = tl.maximum(t_j, runner_up + margin)
+    off = combine_lse(guard_ptr + 2, rows, row_ok, N, splits, 3)
+    off = tl.where(runner_up == float("-inf"), float("-inf"), off)  # j is the row's only entry
+    hi = tl.maximum(off, lift * inv_tau)
+    lo = tl.minimum(off, lift * inv_tau)
+    lse = tl.where(hi == float("-inf"), 0.0, hi + tl.log(1.0 + tl.exp(lo - hi)))
+    return lift, lse
 
 
 @triton.jit
@@ -181,39 +222,63 @@ def project_kernel(
     z_ptr,
     a_ptr,
     part_ptr,
+    u_ptr,
     flags_ptr,
+    am_val_ptr,
+    am_idx_ptr,
+    j_ptr,
+    count_ptr,
     N,
     V,
     v_chunk,
+    splits,
     stride_z,
     R: tl.constexpr,
     CHECK: tl.constexpr,
+    ARGMAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """``z A`` over one vocabulary chunk and ``BLOCK_R`` of A's columns, masked
-    (``-inf``) logits read as 0: ``part[split, row, r]``. With ``CHECK`` the
-    first column block also counts NaN, ``+inf`` and finite inputs per (chunk,
-    row) into ``flags`` (as the purify write pass does)."""
+    """``u = z A`` as a split-K product, masked (``-inf``) logits read as 0.
+
+    Each program multiplies one vocabulary chunk by ``BLOCK_R`` of A's columns
+    into ``part[split, row, r]``; the last program of a (row block, column
+    block) to finish (a self-resetting ticket in ``count``) sums the parts in
+    split order into ``u[row, r]``, so the result is deterministic and no
+    second launch combines them. With ``CHECK`` the first column block also
+    counts NaN, ``+inf`` and finite inputs per (chunk, row) into ``flags``;
+    with ``ARGMAX`` it finds each row's first largest raw logit ``j[row]``
+    (the argmax guard's column) on the same read."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
     split = tl.program_id(1)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    check = CHECK and tl.program_id(2) == 0
+    first_block = tl.program_id(2) == 0
+    check = CHECK and first_block
     nans = tl.zeros((BLOCK_N,), dtype=tl.int32)
     infs = tl.zeros((BLOCK_N,), dtype=tl.int32)
     finite = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    best_at = tl.zeros((BLOCK_N,), dtype=tl.int64)
     v_lo = split * v_chunk
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols[None, :] < V)
         z = load_tile(z_ptr, rows, cols, N, V, stride_z, 0.0)
         if check:
-            ok = (rows[:, None] < N) & (cols[None, :] < V)
             nans += tl.sum(tl.where(ok & (z != z), 1, 0), axis=1)
             infs += tl.sum(tl.where(ok & (z == float("inf")), 1, 0), axis=1)
             finite += tl.sum(tl.where(ok & (z == z) & (tl.abs(z) < float("inf")), 1, 0), axis=1)
+        if ARGMAX and first_block:
+            zm = tl.where(ok, z, float("-inf"))
+            top = tl.max(zm, axis=1)
+            at = v0 + tl.argmax(zm, axis=1, tie_break_left=True).to(tl.int64)
+            better = top > best  # strict: the earlier column wins a tie, as in torch
+            best_at = tl.where(better, at, best_at)
+            best = tl.where(better, top, best)
         z = tl.where(z == float("-inf"), 0.0, z)
         a = tl.load(
             a_ptr + cols[:, None].to(tl.int64) * R + rr[None, :],
@@ -221,16 +286,43 @@ def project_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.dot(z, a, input_precision=DOT)
+    out_ok = row_ok[:, None] & (rr[None, :] < R)
     tl.store(
-        part_ptr + (split * N + rows)[:, None].to(tl.int64) * R + rr[None, :],
-        acc,
-        mask=(rows[:, None] < N) & (rr[None, :] < R),
+        part_ptr + (split * N + rows)[:, None].to(tl.int64) * R + rr[None, :], acc, mask=out_ok
     )
     if check:
         f = flags_ptr + (split * N + rows).to(tl.int64) * 3
-        tl.store(f, nans, mask=rows < N)
-        tl.store(f + 1, infs, mask=rows < N)
-        tl.store(f + 2, finite, mask=rows < N)
+        tl.store(f, nans, mask=row_ok)
+        tl.store(f + 1, infs, mask=row_ok)
+        tl.store(f + 2, finite, mask=row_ok)
+    if ARGMAX and first_block:
+        tl.store(am_val_ptr + split * N + rows, best, mask=row_ok)
+        tl.store(am_idx_ptr + split * N + rows, best_at, mask=row_ok)
+    # every thread's stores are issued before the ticket is taken (release);
+    # the last taker reads the others' parts past its L1 (volatile)
+    tl.debug_barrier()
+    ticket = count_ptr + tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
+    if tl.atomic_add(ticket, 1) == splits - 1:
+        u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for sp in range(0, splits):
+            u += tl.load(
+                part_ptr + (sp * N + rows)[:, None].to(tl.int64) * R + rr[None, :],
+                mask=out_ok,
+                other=0.0,
+                volatile=True,
+            )
+        tl.store(u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], u, mask=out_ok)
+        if ARGMAX and first_block:
+            best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+            best_at = tl.zeros((BLOCK_N,), dtype=tl.int64)
+            for sp in range(0, splits):
+                top = tl.load(am_val_ptr + sp * N + rows, mask=row_ok, other=0.0, volatile=True)
+                at = tl.load(am_idx_ptr + sp * N + rows, mask=row_ok, other=0, volatile=True)
+                better = (top > best) | ((sp == 0) & (top == best))  # split 0 seeds the row
+                best_at = tl.where(better, at, best_at)
+                best = tl.where(better, top, best)
+            tl.store(j_ptr + rows, best_at, mask=row_ok)
+        tl.atomic_xchg(ticket, 0)  # ready for the next launch (and a graph replay)
 
 
 @triton.jit

@@ -11,12 +11,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from cmiguard.kernels.cmi_loss import grad_kernel, stats_kernel
+from cmiguard.kernels.decode import decode_write_kernel, fixup_kernel
 from cmiguard.kernels.objective_backward import grad_factors_kernel, grad_u_kernel
 from cmiguard.kernels.purify import purify_kernel
 from cmiguard.kernels.tile import lse_kernel, project_kernel
 
-INTS = {"N", "V", "v_chunk", "n_chunk", "lse_splits", "lse_stride"}
-STRIDES = {"stride_x", "stride_z", "stride_out"}
+INTS = {"N", "V", "v_chunk", "n_chunk", "lse_splits", "splits"}
+STRIDES = {"stride_x", "stride_z", "stride_out", "stride_written"}
 
 
 def signature(fn, constexprs, pointer_types):
@@ -77,10 +78,28 @@ def main():
         ),
         compile_one(
             project_kernel,
-            {"R": 256, "CHECK": True, "BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_R": 64, "DOT": "ieee"},
-            {"z_ptr": "*fp16", "flags_ptr": "*i32"},
+            {
+                "R": 256,
+                "CHECK": True,
+                "ARGMAX": True,
+                "BLOCK_N": 32,
+                "BLOCK_V": 128,
+                "BLOCK_R": 64,
+                "DOT": "ieee",
+            },
+            {
+                "z_ptr": "*fp16",
+                "flags_ptr": "*i32",
+                "am_idx_ptr": "*i64",
+                "j_ptr": "*i64",
+                "count_ptr": "*i32",
+            },
         ),
+        compile_one(decode_write_kernel, {**flags, **tile, "GUARD": True}, {**half, **guard}),
     ]
+    for logprobs in (True, False):
+        consts = {"LOGPROBS": logprobs, "GUARD": True, "BLOCK_N": 16, "BLOCK_V": 128}
+        done.append(compile_one(fixup_kernel, consts, {"out_ptr": "*bf16", "j_ptr": "*i64"}))
     ints = {"labels_ptr": "*i64", "group_ptr": "*i64"}
     for first, scatter, cross, kl in [(True, True, False, True), (False, False, True, True)]:
         consts = {**flags, **tile, "FIRST": first, "SCATTER": scatter, "CROSS": cross}

@@ -18,6 +18,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["decode", "general"])
+def path(request, monkeypatch):
+    """Run purify's decode path (N <= DECODE_MAX_ROWS, the default at these
+    sizes) and its general path on the same rows."""
+    from cmiguard.kernels import purify as purify_module
+
+    if request.param == "general":
+        monkeypatch.setattr(purify_module, "DECODE_MAX_ROWS", 0)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def teacher():
     """The real SmolLM2-135M-Instruct (make test installs its wheel)."""

@@ -77,7 +77,7 @@ def test_purify_twin_applies_the_guard_as_defined(output):
 
 @pytest.mark.parametrize(("n", "v"), [(1, 1), (3, 7), (17, 1000), (3, 49152)])
 @pytest.mark.parametrize("output", ["logits", "logprobs"])
-def test_guarded_purify_kernel_matches_twin(n, v, output):
+def test_guarded_purify_kernel_matches_twin(n, v, output, path):
     transform = trained_like(DiagLowRankTransform(v, 5), scale=0.3 if v < 40_000 else 0.02)
     p = params_of(transform)
     z = awkward_logits(n, v)
@@ -90,7 +90,7 @@ def test_guarded_purify_kernel_matches_twin(n, v, output):
     assert torch.equal(ours.argmax(-1), z.argmax(-1))
 
 
-def test_guarded_purify_kernel_top_k_matches_twin():
+def test_guarded_purify_kernel_top_k_matches_twin(path):
     v = 5000
     p = params_of(trained_like(LowRankTransform(v, 8), scale=0.05))
     z = awkward_logits(5, v, seed=2)

@@ -108,7 +108,7 @@ SHAPES = [(1, 1), (3, 7), (17, 1000), (3, 49152)]
     [(f, n, v) for f in MAKERS for n, v in SHAPES if not (f == "dense" and v > 1000)],
 )
 @pytest.mark.parametrize("output", ["logits", "logprobs"])
-def test_purify_kernel_matches_twin(family, n, v, output):
+def test_purify_kernel_matches_twin(family, n, v, output, path):
     transform = trained_like(MAKERS[family](v), scale=0.01)
     p = params_of(transform)
     z = awkward_logits(n, v)
@@ -117,7 +117,7 @@ def test_purify_kernel_matches_twin(family, n, v, output):
     close_to_truth(ours, twin, *float64_truth(z, p, 1.7, output), 1e-6)
 
 
-def test_purify_kernel_large_vocab_and_top_k():
+def test_purify_kernel_large_vocab_and_top_k(path):
     v = 151_936
     transform = trained_like(LowRankTransform(v, 16), scale=1e-3)
     p = params_of(transform)
@@ -129,7 +129,7 @@ def test_purify_kernel_large_vocab_and_top_k():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_purify_kernel_half_inputs(dtype, force):
+def test_purify_kernel_half_inputs(dtype, force, path):
     transform = trained_like(DiagLowRankTransform(1000, 8), scale=0.01).to(DEVICE)
     z = awkward_logits(17, 1000).to(dtype)
     force("triton")
@@ -265,9 +265,10 @@ def test_vocab_split_covers_the_vocabulary_once(v):
 
 
 @pytest.mark.parametrize("output", ["logits", "logprobs"])
-def test_the_purify_kernels_check_the_input_as_they_write(force, output):
-    """No validation pass on the kernel path: the write pass counts NaN, +inf
-    and finite entries and purify raises the twin's messages."""
+def test_the_purify_kernels_check_the_input_as_they_write(force, output, path):
+    """No validation pass on the kernel path: the write pass (decode: the
+    project pass) counts NaN, +inf and finite entries and purify raises the
+    twin's messages."""
     transform = trained_like(LowRankTransform(300, 4), scale=0.01).to(DEVICE)
     force("triton")
     for poison, message in [
@@ -356,3 +357,48 @@ def test_the_fused_step_checks_the_input_as_it_projects(force):
         z[4, 17] = poison
         with pytest.raises(ValueError, match=message):
             anti_distillation_loss(z, labels, transform)
+
+
+def test_project_sums_its_split_k_parts_and_finds_the_first_argmax():
+    """u = zA from one launch (the last program per block sums the parts), the
+    raw argmax on the same read with torch's tie rule, and the tickets left at
+    zero for the next launch."""
+    from cmiguard.kernels import purify as purify_module
+
+    v = 1000
+    z = awkward_logits(19, v, seed=4)
+    z[1, 10] = z[1, 990] = z[1].max() + 1.0  # a tie across the first and last chunk
+    z[2, :500] = float("-inf")  # the first chunk all masked: the argmax is in a later one
+    a = torch.randn(v, 7, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    u, j = purify_module.project(z, a, argmax=True)
+    z0 = z.double().masked_fill(torch.isneginf(z), 0.0)
+    torch.testing.assert_close(u.double(), z0 @ a.double(), rtol=1e-5, atol=1e-3)
+    assert torch.equal(j, z.argmax(-1)) and int(j[1]) == 10
+    assert all(int(t.count_nonzero()) == 0 for t in purify_module._TICKETS.values())
+    again, _ = purify_module.project(z, a, argmax=True)
+    assert torch.equal(again, u)  # a fixed order of summation: bit for bit
+
+
+def test_a_launch_that_raised_leaves_its_tickets_behind(monkeypatch):
+    """Counters a failed launch may have left half-counted are never reused."""
+    from cmiguard.kernels import purify as purify_module
+
+    z, a = awkward_logits(3, 300), torch.randn(300, 4).to(DEVICE)
+    want = purify_module.project(z, a)
+    (key,) = [k for k in purify_module._TICKETS if k[0] == z.device]
+    dirty = purify_module._TICKETS[key]
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[8][0] = 1  # one program counted, then the launch fails
+                raise RuntimeError("launch failed")
+
+            return launch
+
+    with monkeypatch.context() as m:
+        m.setattr(purify_module, "project_kernel", Failing())
+        with pytest.raises(RuntimeError, match="launch failed"):
+            purify_module.project(z, a)
+    assert key not in purify_module._TICKETS and int(dirty[0]) == 1
+    torch.testing.assert_close(purify_module.project(z, a), want, rtol=0, atol=0)

@@ -20,6 +20,7 @@ def test_kernels_compile_for_hopper():
     assert run.stdout.split().count("stats_kernel") == 2
     assert run.stdout.split().count("purify_kernel") == 3  # incl. the guarded variant
     assert run.stdout.split().count("lse_kernel") == 2
+    assert run.stdout.split().count("fixup_kernel") == 2  # log-probs and the guard's logits
     for name in (
         "grad_kernel",
         "purify_kernel",
@@ -27,5 +28,6 @@ def test_kernels_compile_for_hopper():
         "project_kernel",
         "grad_u_kernel",
         "grad_factors_kernel",
+        "decode_write_kernel",
     ):
         assert name in run.stdout

@@ -6,12 +6,12 @@ import torch
 
 from bench.problems import KERNEL_PASSES, TRAFFIC, Traffic
 from cmiguard import LowRankTransform, anti_distillation_loss, purify
-from cmiguard.kernels import cmi_loss, objective_backward
+from cmiguard.kernels import cmi_loss, decode, objective_backward
 from cmiguard.kernels import purify as purify_module
 from tests.conftest import trained_like
 from tests.test_kernels import DEVICE, awkward_logits
 
-MODULES = (purify_module, cmi_loss, objective_backward)
+MODULES = (purify_module, decode, cmi_loss, objective_backward)
 
 
 class Counted:
@@ -42,13 +42,25 @@ def measured(seen: list[str], torch_launches: int) -> Traffic:
     return Traffic(reads, writes, len(seen) + torch_launches)
 
 
+@pytest.mark.parametrize("guard", [None, 0.5])
 @pytest.mark.parametrize("output", ["logprobs", "logits"])
-def test_purify_launches_what_the_model_says(launches, output):
-    t = trained_like(LowRankTransform(1000, 8), scale=0.01).to(DEVICE)
+def test_purify_launches_what_the_model_says(launches, monkeypatch, output, guard):
+    monkeypatch.setattr(purify_module, "DECODE_MAX_ROWS", 0)  # the general path
+    t = trained_like(LowRankTransform(1000, 8, guard_margin=guard), scale=0.01).to(DEVICE)
     purify(awkward_logits(5, 1000), t, output=output)
-    # + 1: torch's sum of u's per-chunk partials
-    assert measured(launches, 1) == TRAFFIC[f"purify_{output}"]
+    model = TRAFFIC[f"purify_{output}"]
+    if guard is not None and output == "logits":
+        model = TRAFFIC["purify_logprobs"]  # the guard's statistics need the lse pass
+    assert measured(launches, 0) == model
     assert launches[0] == "project_kernel"  # no validation pass before it
+
+
+@pytest.mark.parametrize("guard", [None, 0.5])
+def test_decode_launches_what_the_model_says(launches, guard):
+    t = trained_like(LowRankTransform(1000, 8, guard_margin=guard), scale=0.01).to(DEVICE)
+    purify(awkward_logits(5, 1000), t, output="logprobs")
+    assert measured(launches, 0) == TRAFFIC["purify_decode_logprobs"]
+    assert launches == ["project_kernel", "decode_write_kernel", "fixup_kernel"]
 
 
 def test_a_training_step_launches_what_the_model_says(launches):
