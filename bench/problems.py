@@ -135,7 +135,7 @@ TRAFFIC = {
     # small [N, V] write instead of a second read of B, the traffic at decode sizes
     "purify_decode_logprobs": Traffic(3, 2, 3),
     # kernel launches only: project, lse, scatter, cross | grad_u, grad_factors (the
-    # streaming estimator still builds T(z) in torch for its centroid lookup)
+    # streaming estimator adds project, lse and scatter for its centroid update)
     "train_exact": Traffic(6, 0, 6),
 }
 # the floors of docs/DESIGN.md: u = zA needs a whole read before any output exists

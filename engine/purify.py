@@ -125,6 +125,11 @@ class StreamingCentroids:
         """``log Q`` per label group of this batch, then fold the batch into the average."""
         rows, group, group_labels, counts = label_groups(labels, min_count)
         sums = centroid_sums(logits.detach(), rows, group, counts.numel(), temperature)
+        return self.fold(sums, group_labels, counts)
+
+    def fold(self, sums: Tensor, group_labels: Tensor, counts: Tensor) -> Tensor:
+        """:meth:`log_centroids` from the batch's per-group ``Σ softmax`` (as the
+        kernels compute it without materialising the transformed logits)."""
         means = sums / counts.unsqueeze(1).float()
         used = torch.empty_like(means)
         for g, label in enumerate(group_labels.tolist()):

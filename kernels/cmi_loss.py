@@ -197,6 +197,51 @@ class ProjectFunction(torch.autograd.Function):
         return grad_z, grad_a.to(a.dtype)
 
 
+def label_centroid_sums(
+    ops: dict[str, object], z: Tensor, labels: Tensor, temperature: float, min_count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """This batch's ``Σ softmax(T(z)/τ)`` per label group from kernel operands
+    (the streaming estimator's update): the lse pass and one scatter pass, no
+    ``T(z)`` in memory. Returns ``(sums [G, V], group_labels [G], counts [G])``."""
+    x = ops["x"]
+    n, v = x.shape
+    rows, group, group_labels, counts = label_groups(labels, min_count)
+    sums = torch.zeros(counts.numel(), v, dtype=torch.float32, device=x.device)
+    if counts.numel() == 0:
+        return sums, group_labels, counts
+    group_of_row = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    group_of_row[rows] = group
+    u = ops.get("u")
+    cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
+    lse = row_lse(ops, z, temperature, cfg)
+    splits, chunk = vocab_split(n, v, cfg, x.device)
+    part = torch.empty(splits, n, 4, dtype=torch.float32, device=x.device)
+    stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        *kernel_operands(ops),
+        z,
+        labels,
+        group_of_row,
+        lse,
+        sums,
+        lse,
+        part,
+        n,
+        v,
+        chunk,
+        x.stride(0),
+        z.stride(0),
+        1.0 / temperature,
+        *kernel_flags(ops),
+        True,  # FIRST: the scatter rides on the first pass's p
+        True,
+        False,
+        False,
+        *cfg.constexprs,
+        **cfg.options,
+    )
+    return sums, group_labels, counts
+
+
 def objective_forward(
     ops: dict[str, object],
     z: Tensor,

@@ -402,3 +402,42 @@ def test_a_launch_that_raised_leaves_its_tickets_behind(monkeypatch):
             purify_module.project(z, a)
     assert key not in purify_module._TICKETS and int(dirty[0]) == 1
     torch.testing.assert_close(purify_module.project(z, a), want, rtol=0, atol=0)
+
+
+def test_the_streaming_estimator_reads_operands_not_a_built_t(force, monkeypatch):
+    """On the kernel path the streaming centroids come from a scatter pass over
+    kernel operands (no [N, V] T(z) in torch), equal the twin's, and a batch
+    with bad logits raises before the moving average moves."""
+    labels = torch.tensor([0, 2, 1, 2, 5, 5, 7, -100, 1])  # row 0 is masked to token 0
+    transform = trained_like(LowRankTransform(300, 4), scale=0.05).to(DEVICE)
+    states = {}
+    for name in ("torch", "triton"):
+        force(name)
+        states[name] = StreamingCentroids(300)
+        for step in range(2):  # the second batch reads the first one's average
+            anti_distillation_loss(
+                awkward_logits(9, 300, seed=step),
+                labels.to(DEVICE),
+                transform,
+                estimator="streaming",
+                state=states[name],
+            )
+        if name == "torch":
+
+            def built(self, rows):
+                raise AssertionError("T(z) built in torch on the kernel path")
+
+            monkeypatch.setattr(LowRankTransform, "apply_fp32", built)
+    assert states["triton"].centroids.keys() == states["torch"].centroids.keys()
+    for label, centroid in states["torch"].centroids.items():
+        torch.testing.assert_close(states["triton"].centroids[label], centroid)
+    before = {k: c.clone() for k, c in states["triton"].centroids.items()}
+    bad = awkward_logits(9, 300, seed=2)
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN"):
+        anti_distillation_loss(
+            bad, labels.to(DEVICE), transform, estimator="streaming",
+            state=states["triton"],
+        )  # fmt: skip
+    for label, centroid in before.items():
+        assert torch.equal(states["triton"].centroids[label], centroid)

@@ -24,20 +24,28 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
     """The fused-kernel path: operands instead of a materialised ``T(z)``; for a
     low-rank transform on logits that need no gradient, the two-pass backward
     (:mod:`cmiguard.kernels.objective_backward`)."""
-    from cmiguard.kernels.cmi_loss import ProjectFunction, TritonObjectiveFunction
+    from cmiguard.kernels.cmi_loss import (
+        ProjectFunction,
+        TritonObjectiveFunction,
+        label_centroid_sums,
+    )
     from cmiguard.kernels.objective_backward import fused_objective
+    from cmiguard.kernels.purify import transform_operands
 
     params = transform.kernel_params()
+    # the guard is not affine: the kernels take the guarded T(z) as given, autograd the rest
+    given = params.get("weight") is not None or transform.guard_margin is not None
+    x = transform.apply_fp32(logits) if given else None
     log_q = None
     if estimator == "streaming":
         state = state if state is not None else StreamingCentroids(transform.vocab_size)
         with torch.no_grad():
-            t = transform.apply_fp32(logits)
-        log_q = state.log_centroids(t, labels, lams[3], lams[4])
-        del t
-    if params.get("weight") is not None or transform.guard_margin is not None:
-        # the guard is not affine: the kernels take the guarded T(z) as given, autograd the rest
-        x, u, b, scale, bias = transform.apply_fp32(logits), None, None, None, None
+            # checked before the average moves: a bad batch leaves the state as it was
+            ops = {"x": x.detach()} if given else transform_operands(logits, params, check=True)
+            sums, group_labels, counts = label_centroid_sums(ops, logits, labels, *lams[3:])
+        log_q = state.fold(sums, group_labels, counts)
+    if given:
+        u, b, scale, bias = None, None, None, None
     else:
         fused = fused_objective(logits, params, labels, log_q, lams)
         if fused is not None:
