@@ -20,13 +20,12 @@ baselines nearest them in users' accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 from cmiguard.attack.evaluation import EvalConfig
-from cmiguard.attack.frontier import frontier, run_frontier, write_frontier
+from cmiguard.attack.frontier import report_frontier, run_frontier
 from cmiguard.checkpoint import load_transform, vocab_fingerprint
 from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
 from cmiguard.train.models import load_teacher
@@ -59,10 +58,9 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="rewrite frontier.* only")
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report")
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.report:
-        seeds = [args.out / f"seed{s}" / "evaluation.json" for s in args.seeds.split(",")]
-        runs = [json.loads(p.read_text()) for p in seeds if p.exists()]
-        write_frontier(frontier(runs), args.out, command, sum(r["seconds"] for r in runs))
+        report_frontier(args.out, seeds, command)
         print((args.out / "frontier.md").read_text())
         return 0
     teacher, tokenizer = load_teacher()
@@ -82,7 +80,7 @@ def main() -> int:
         heldout,
         tokenizer.pad_token_id,
         EvalConfig(steps=args.steps, autocast=True),
-        [int(s) for s in args.seeds.split(",")],
+        seeds,
         [*transforms, *baselines],
         args.out,
         choice_questions(tokenizer, capital_choices("heldout")),

@@ -6,7 +6,13 @@ import pytest
 
 from cmiguard import LowRankTransform
 from cmiguard.attack.evaluation import EvalConfig
-from cmiguard.attack.frontier import FRONTIER_ATTACKS, frontier, run_frontier, verdicts
+from cmiguard.attack.frontier import (
+    FRONTIER_ATTACKS,
+    frontier,
+    report_frontier,
+    run_frontier,
+    verdicts,
+)
 from cmiguard.train.models import tiny_model
 from tests.test_evaluation import tiny_questions
 from tests.test_trainer import tiny_examples
@@ -122,3 +128,8 @@ def test_run_frontier_resumes_and_adds_a_seed(tmp_path):
     assert both["seeds"] == ["0", "1"]
     assert (tmp_path / "a" / "frontier.png").stat().st_size > 10_000
     assert "cmiguard@t" in (tmp_path / "a" / "frontier.md").read_text()
+    # --report: the same frontier from the files alone; a missing seed is skipped
+    (tmp_path / "a" / "frontier.json").unlink()
+    again = report_frontier(tmp_path / "a", [0, 1, 2], "frontier test")
+    assert json.dumps(again["points"]) == json.dumps(both["points"])
+    assert json.loads((tmp_path / "a" / "frontier.json").read_text())["seeds"] == ["0", "1"]

@@ -306,18 +306,22 @@ def run_frontier(
     """Evaluate every defense against :data:`FRONTIER_ATTACKS`, seed after
     seed, into ``out/seed<S>/`` (each an :func:`evaluate` run, so a rerun
     resumes where the last stopped and may add points or seeds), and rewrite
-    ``out/frontier.*`` after each seed from every seed run so far."""
-    runs: list[dict] = []
+    ``out/frontier.*`` after each seed (:func:`report_frontier`)."""
     front: dict = {}
     for seed in seeds:
         cfg = replace(
             config, seed=seed, attacks=FRONTIER_ATTACKS, defenses=("no_defense", *defenses)
         )
-        runs.append(
-            evaluate(
-                teacher, transforms, calibration, heldout, pad, cfg, out / f"seed{seed}", choices
-            )
-        )
-        front = frontier(runs)
-        write_frontier(front, out, command, sum(r["seconds"] for r in runs))
+        evaluate(teacher, transforms, calibration, heldout, pad, cfg, out / f"seed{seed}", choices)
+        front = report_frontier(out, seeds, command)
+    return front
+
+
+def report_frontier(out: Path, seeds: Sequence[int], command: str) -> dict:
+    """Rewrite ``out/frontier.*`` from the students of every seed in ``seeds``
+    run so far (a stopped seed's finished columns included)."""
+    paths = [out / f"seed{s}" / "evaluation.json" for s in seeds]
+    runs = [json.loads(p.read_text()) for p in paths if p.exists()]
+    front = frontier(runs)
+    write_frontier(front, out, command, sum(r["seconds"] for r in runs))
     return front
