@@ -273,7 +273,9 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
             style = (
                 {"marker": "*", "ms": 11, "lw": 1.5} if family == "cmiguard" else {"marker": "o"}
             )
-            ax.plot(xs, ys, label=family, **style)
+            line = ax.plot(xs, ys, label=family, **style)[0]
+            sds = [p["y_sd"][floor] for p in curve]  # NaN (no bar) with one seed
+            ax.errorbar(xs, ys, yerr=sds, fmt="none", ecolor=line.get_color(), capsize=3, lw=0.8)
             for p, x, y in zip(curve, xs, ys, strict=True):
                 if p["knob"] is not None:
                     ax.annotate(f"{p['knob']:g}" if family != "cmiguard" else p["knob"], (x, y),
@@ -284,7 +286,10 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
         ax.set_xlabel("honest users' log-likelihood accuracy (held-out capitals)")
     axes[0].set_ylabel("gap closed (1 = distillation reduced to the floor)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"seeds {', '.join(front['seeds'])}: better defenses sit up and to the right")
+    fig.suptitle(
+        f"seeds {', '.join(front['seeds'])} (bars: sd over seeds): "
+        "better defenses sit up and to the right"
+    )
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     plt.close(fig)
