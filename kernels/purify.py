@@ -203,7 +203,8 @@ def row_lse_parts(
     x = ops["x"]
     n, v = x.shape
     splits, chunk = vocab_split(n, v, cfg, x.device)
-    part = torch.empty((splits, n, 3), dtype=torch.float32, device=x.device)
+    # -inf where a column is not asked for: row_lse combines all three
+    part = torch.full((splits, n, 3), float("-inf"), dtype=torch.float32, device=x.device)
     guard = guard_cols is not None
     g_part = torch.empty((splits if guard else 1, n, 3), dtype=torch.float32, device=x.device)
     lse_kernel[(triton.cdiv(n, cfg.block_n), splits)](

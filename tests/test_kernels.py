@@ -441,3 +441,14 @@ def test_the_streaming_estimator_reads_operands_not_a_built_t(force, monkeypatch
         )  # fmt: skip
     for label, centroid in before.items():
         assert torch.equal(states["triton"].centroids[label], centroid)
+
+
+def test_row_lse_gives_zero_for_what_is_not_asked():
+    """Unrequested log-sum-exps are 0, never the values of an uninitialised buffer."""
+    from cmiguard.kernels.purify import row_lse
+
+    z = awkward_logits(5, 300)
+    for _ in range(3):  # fresh buffers each call: garbage would show on some call
+        lse = row_lse({"x": z}, z, 2.0, launch_config(5, 300, 0))
+        assert torch.equal(lse[:, 1:], torch.zeros(5, 2, device=DEVICE))
+        torch.testing.assert_close(lse[:, 0], (z.double() / 2).logsumexp(-1).float())
