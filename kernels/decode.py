@@ -21,7 +21,16 @@ from torch import Tensor
 
 from cmiguard.kernels.config import launch_config, vocab_split
 from cmiguard.kernels.operands import kernel_flags, kernel_operands
-from cmiguard.kernels.tile import chunk_lse, combine_lse, guard_lift, online_lse, transform_tile
+from cmiguard.kernels.tile import (
+    chunk_lse,
+    combine_lse,
+    guard_lift,
+    guard_start,
+    guard_step,
+    guard_store,
+    online_lse,
+    transform_tile,
+)
 
 # rows up to which purify takes this path (a decode batch; the general path's
 # extra read of the logits is cheaper than the extra read of B past it)
@@ -66,11 +75,7 @@ def decode_write_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if GUARD:
-        jj = tl.load(j_ptr + rows, mask=row_ok, other=-1)
-        g_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        g_on = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        m_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s_off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        jj, g_off, g_on, m_off, s_off = guard_start(rows, row_ok, j_ptr)
     v_lo = split * v_chunk
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -79,17 +84,11 @@ def decode_write_kernel(
         scaled = t * inv_tau
         m, s = online_lse(m, s, scaled)
         if GUARD:
-            on_j = cols[None, :] == jj[:, None]
-            g_off = tl.maximum(g_off, tl.max(tl.where(on_j, float("-inf"), t), axis=1))
-            g_on = tl.maximum(g_on, tl.max(tl.where(on_j, t, float("-inf")), axis=1))
-            m_off, s_off = online_lse(m_off, s_off, tl.where(on_j, float("-inf"), scaled))
+            g_off, g_on, m_off, s_off = guard_step(jj, g_off, g_on, m_off, s_off, t, scaled, cols)
         tl.store(out_rows + cols[None, :], scaled.to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(part_ptr + split * N + rows, chunk_lse(m, s), mask=row_ok)
     if GUARD:
-        g = guard_ptr + (split * N + rows).to(tl.int64) * 3
-        tl.store(g, g_off, mask=row_ok)
-        tl.store(g + 1, g_on, mask=row_ok)
-        tl.store(g + 2, chunk_lse(m_off, s_off), mask=row_ok)
+        guard_store(guard_ptr, split, N, rows, row_ok, g_off, g_on, m_off, s_off)
 
 
 @triton.jit

@@ -106,6 +106,35 @@ def chunk_lse(m, s):
 
 
 @triton.jit
+def guard_start(rows, row_ok, j_ptr):
+    """The argmax guard's per-chunk statistics before the first tile: its
+    column ``j[row]``, the largest ``T(z)`` off it, ``T(z)`` on it and the
+    running log-sum-exp of ``T(z)/τ`` off it (max, sum)."""
+    jj = tl.load(j_ptr + rows, mask=row_ok, other=-1)
+    none = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    return jj, none, none, none, tl.zeros(rows.shape, dtype=tl.float32)
+
+
+@triton.jit
+def guard_step(jj, g_off, g_on, m_off, s_off, t, scaled, cols):
+    """One tile (``t = T(z)``, ``scaled = t/τ``) into :func:`guard_start`'s statistics."""
+    on_j = cols[None, :] == jj[:, None]
+    g_off = tl.maximum(g_off, tl.max(tl.where(on_j, float("-inf"), t), axis=1))
+    g_on = tl.maximum(g_on, tl.max(tl.where(on_j, t, float("-inf")), axis=1))
+    m_off, s_off = online_lse(m_off, s_off, tl.where(on_j, float("-inf"), scaled))
+    return g_off, g_on, m_off, s_off
+
+
+@triton.jit
+def guard_store(guard_ptr, split, N, rows, row_ok, g_off, g_on, m_off, s_off):
+    """A chunk's guard statistics to ``guard[split, row, 0..2]`` (:func:`guard_lift` reads them)."""
+    g = guard_ptr + (split * N + rows).to(tl.int64) * 3
+    tl.store(g, g_off, mask=row_ok)
+    tl.store(g + 1, g_on, mask=row_ok)
+    tl.store(g + 2, chunk_lse(m_off, s_off), mask=row_ok)
+
+
+@triton.jit
 def lse_kernel(
     x_ptr,
     u_ptr,
@@ -142,11 +171,7 @@ def lse_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     if GUARD:
-        jj = tl.load(j_ptr + rows, mask=rows < N, other=-1)
-        g_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        g_on = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        m_off = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s_off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        jj, g_off, g_on, m_off, s_off = guard_start(rows, rows < N, j_ptr)
     m1 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m3 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -157,12 +182,10 @@ def lse_kernel(
     for v0 in range(v_lo, tl.minimum(v_lo + v_chunk, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         t = transform_tile(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
-        m1, s1 = online_lse(m1, s1, t * inv_tau)
+        scaled = t * inv_tau
+        m1, s1 = online_lse(m1, s1, scaled)
         if GUARD:
-            on_j = cols[None, :] == jj[:, None]
-            g_off = tl.maximum(g_off, tl.max(tl.where(on_j, float("-inf"), t), axis=1))
-            g_on = tl.maximum(g_on, tl.max(tl.where(on_j, t, float("-inf")), axis=1))
-            m_off, s_off = online_lse(m_off, s_off, tl.where(on_j, float("-inf"), t * inv_tau))
+            g_off, g_on, m_off, s_off = guard_step(jj, g_off, g_on, m_off, s_off, t, scaled, cols)
         if NEED_T:
             m2, s2 = online_lse(m2, s2, t)
         if NEED_Z:
@@ -175,10 +198,7 @@ def lse_kernel(
     if NEED_Z:
         tl.store(out + 2, chunk_lse(m3, s3), mask=row_ok)
     if GUARD:
-        g = guard_ptr + (split * N + rows).to(tl.int64) * 3
-        tl.store(g, g_off, mask=row_ok)
-        tl.store(g + 1, g_on, mask=row_ok)
-        tl.store(g + 2, chunk_lse(m_off, s_off), mask=row_ok)
+        guard_store(guard_ptr, split, N, rows, row_ok, g_off, g_on, m_off, s_off)
 
 
 @triton.jit
