@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cmiguard.kernels.config import launch_config, vocab_split
+from cmiguard.kernels.config import LaunchConfig, launch_config, vocab_split
 from cmiguard.kernels.operands import kernel_flags, kernel_operands
 from cmiguard.kernels.purify import project, row_lse
 from cmiguard.kernels.reference import IGNORE_INDEX, _log_mean, label_groups, row_chunks
@@ -197,6 +197,46 @@ class ProjectFunction(torch.autograd.Function):
         return grad_z, grad_a.to(a.dtype)
 
 
+def stats_pass(
+    ops: dict[str, object],
+    z: Tensor,
+    labels: Tensor,
+    group_of_row: Tensor,
+    lse: Tensor,
+    sums: Tensor,
+    log_q: Tensor,
+    part: Tensor,
+    temperature: float,
+    cfg: LaunchConfig,
+    flags: tuple[bool, bool, bool, bool],
+) -> None:
+    """One :func:`stats_kernel` pass over every row; ``flags`` are its
+    ``(FIRST, SCATTER, CROSS, NEED_KL)``."""
+    x = ops["x"]
+    n, v = x.shape
+    splits, chunk = vocab_split(n, v, cfg, x.device)
+    stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        *kernel_operands(ops),
+        z,
+        labels,
+        group_of_row,
+        lse,
+        sums,
+        log_q,
+        part,
+        n,
+        v,
+        chunk,
+        x.stride(0),
+        z.stride(0),
+        1.0 / temperature,
+        *kernel_flags(ops),
+        *flags,
+        *cfg.constexprs,
+        **cfg.options,
+    )
+
+
 def label_centroid_sums(
     ops: dict[str, object], z: Tensor, labels: Tensor, temperature: float, min_count: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,31 +254,12 @@ def label_centroid_sums(
     u = ops.get("u")
     cfg = launch_config(n, v, u.shape[1] if u is not None else 0)
     lse = row_lse(ops, z, temperature, cfg)
-    splits, chunk = vocab_split(n, v, cfg, x.device)
+    splits, _ = vocab_split(n, v, cfg, x.device)
     part = torch.empty(splits, n, 4, dtype=torch.float32, device=x.device)
-    stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        *kernel_operands(ops),
-        z,
-        labels,
-        group_of_row,
-        lse,
-        sums,
-        lse,
-        part,
-        n,
-        v,
-        chunk,
-        x.stride(0),
-        z.stride(0),
-        1.0 / temperature,
-        *kernel_flags(ops),
-        True,  # FIRST: the scatter rides on the first pass's p
-        True,
-        False,
-        False,
-        *cfg.constexprs,
-        **cfg.options,
-    )
+    # FIRST: the scatter rides on the first pass's p; no cross term (lse: an unread
+    # log Q), no KL
+    flags = (True, True, False, False)
+    stats_pass(ops, z, labels, group_of_row, lse, sums, lse, part, temperature, cfg, flags)
     return sums, group_labels, counts
 
 
@@ -271,29 +292,8 @@ def objective_forward(
     dummy = lse
 
     def pass_over_rows(sums, log_q, first, scatter, cross):
-        stats_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-            *kernel_operands(ops),
-            z,
-            labels,
-            group_of_row,
-            lse,
-            sums,
-            log_q,
-            part,
-            n,
-            v,
-            chunk,
-            x.stride(0),
-            z.stride(0),
-            1.0 / temperature,
-            *kernel_flags(ops),
-            first,
-            scatter,
-            cross,
-            need_kl,
-            *cfg.constexprs,
-            **cfg.options,
-        )
+        flags = (first, scatter, cross, need_kl)
+        stats_pass(ops, z, labels, group_of_row, lse, sums, log_q, part, temperature, cfg, flags)
 
     n_groups = int(counts.numel())
     if log_centroids is None and n_groups > 0:
