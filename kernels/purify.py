@@ -255,7 +255,9 @@ def transform_operands(
     return ops
 
 
-def takes_decode_path(n_rows: int, params: dict[str, Tensor | None], logprobs: bool, guard) -> bool:
+def takes_decode_path(
+    n_rows: int, params: dict[str, Tensor | None], logprobs: bool, guard: float | None
+) -> bool:
     """Decode batches of a low-rank transform whose output needs row statistics
     (log-probs or the guard): written once from a single recompute of ``T(z)``
     and fixed up (:mod:`cmiguard.kernels.decode`), because there the factor
