@@ -56,12 +56,17 @@ def main() -> int:
     parser.add_argument("--heldout-articles", type=int, default=128)
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--report", action="store_true", help="rewrite frontier.* only")
+    parser.add_argument(
+        "--report-to", type=Path, help="with --report: write frontier.* here (default --out)"
+    )
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report")
+    # the command that makes the students; a subset's report names itself
+    keep = args.report_to is not None
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if keep or a != "--report")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.report:
-        report_frontier(args.out, seeds, command)
-        print((args.out / "frontier.md").read_text())
+        report_frontier(args.out, seeds, command, args.report_to)
+        print(((args.report_to or args.out) / "frontier.md").read_text())
         return 0
     teacher, tokenizer = load_teacher()
     transforms = {}

@@ -133,3 +133,8 @@ def test_run_frontier_resumes_and_adds_a_seed(tmp_path):
     again = report_frontier(tmp_path / "a", [0, 1, 2], "frontier test")
     assert json.dumps(again["points"]) == json.dumps(both["points"])
     assert json.loads((tmp_path / "a" / "frontier.json").read_text())["seeds"] == ["0", "1"]
+    # one seed's frontier kept apart from the two-seed one
+    one = report_frontier(tmp_path / "a", [1], "frontier test", tmp_path / "a" / "seed1")
+    assert one["seeds"] == ["1"]
+    assert json.loads((tmp_path / "a" / "seed1" / "frontier.json").read_text())["seeds"] == ["1"]
+    assert json.loads((tmp_path / "a" / "frontier.json").read_text())["seeds"] == ["0", "1"]

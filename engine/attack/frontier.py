@@ -322,11 +322,14 @@ def run_frontier(
     return front
 
 
-def report_frontier(out: Path, seeds: Sequence[int], command: str) -> dict:
-    """Rewrite ``out/frontier.*`` from the students of every seed in ``seeds``
-    run so far (a stopped seed's finished columns included)."""
+def report_frontier(
+    out: Path, seeds: Sequence[int], command: str, dest: Path | None = None
+) -> dict:
+    """Rewrite ``frontier.*`` in ``dest`` (default ``out``) from the students of
+    every seed in ``seeds`` run so far (a stopped seed's finished columns
+    included); a ``dest`` keeps a subset's frontier, e.g. one seed's, apart."""
     paths = [out / f"seed{s}" / "evaluation.json" for s in seeds]
     runs = [json.loads(p.read_text()) for p in paths if p.exists()]
     front = frontier(runs)
-    write_frontier(front, out, command, sum(r["seconds"] for r in runs))
+    write_frontier(front, dest or out, command, sum(r["seconds"] for r in runs))
     return front
