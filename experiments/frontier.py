@@ -60,6 +60,8 @@ def main() -> int:
         "--report-to", type=Path, help="with --report: write frontier.* here (default --out)"
     )
     args = parser.parse_args()
+    if args.report_to is not None and not args.report:
+        parser.error("--report-to only applies with --report")
     # the command that makes the students; a subset's report names itself
     keep = args.report_to is not None
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv if keep or a != "--report")
