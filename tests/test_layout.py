@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ ENTRY_POINTS = ("engine/__init__.py", "engine/cli.py")
 
 def part_of(path: Path) -> str:
     rel = path.relative_to(ROOT)
-    if rel.parts[0] == "kernels":
+    if rel.parts[0] == "ops":
         return "kernels"
     return rel.parts[1] if len(rel.parts) > 2 and rel.parts[1] in CONCERNS else "core"
 
@@ -47,7 +48,7 @@ def cmiguard_imports(path: Path) -> set[str]:
 
 
 def modules() -> list[Path]:
-    files = sorted((ROOT / "engine").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
+    files = sorted((ROOT / "engine").rglob("*.py")) + sorted((ROOT / "ops").rglob("*.py"))
     return [f for f in files if str(f.relative_to(ROOT)) not in ENTRY_POINTS]
 
 
@@ -65,6 +66,17 @@ def test_imports_point_one_way(path: Path):
     assert not forbidden, f"{path.relative_to(ROOT)} ({part}) imports cmiguard.{forbidden}"
     if part == "kernels":
         assert cmiguard_imports(path) <= {"kernels"}, "the kernels import nothing of the engine"
+
+
+def test_no_top_level_folder_shadows_an_installed_module():
+    """The repository root is on ``sys.path`` under pytest and ``python -c``:
+    a folder there named like an installed distribution's module hides it
+    (``kernels/`` hid PyPI's ``kernels``, which transformers imports)."""
+    installed = set(importlib.metadata.packages_distributions())
+    assert {"torch", "transformers"} <= installed  # the check sees what is installed
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert "ops" in folders and "engine" in folders
+    assert not folders & installed, f"top-level folders shadow {sorted(folders & installed)}"
 
 
 def test_the_rule_catches_a_core_module_importing_serve(tmp_path):
