@@ -1,6 +1,7 @@
 """The frontier: gaps against both floors, the strongest attack, the verdict, resume."""
 
 import json
+import math
 
 import pytest
 
@@ -18,16 +19,20 @@ from tests.test_evaluation import tiny_questions
 from tests.test_trainer import tiny_examples
 
 
-def result(seed, cells, floor=0.10, top1=0.15, likelihood=None):
-    """An evaluation's results: ``cells[defense]`` is each attack's student accuracy."""
+def result(seed, cells, floor=0.10, top1=0.15, likelihood=None, perplexity=None):
+    """An evaluation's results: ``cells[defense]`` is each attack's student
+    accuracy, ``perplexity[defense]`` (default 50 everywhere) its perplexity."""
     attacks = {a: {d: accs[i] for d, accs in cells.items()} for i, a in enumerate(FRONTIER_ATTACKS)}
+    perplexity = perplexity or {d: [50.0] * 4 for d in cells}
     return {
         "config": {"seed": seed, "steps": 240},
         "hard_label_floor": floor,
         "top1_student": top1,
         "floor_perplexity": {"sft": 90.0, "top1": 80.0},
         "attacks": attacks,
-        "perplexity": {a: dict.fromkeys(cells, 50.0) for a in FRONTIER_ATTACKS},
+        "perplexity": {
+            a: {d: ppl[i] for d, ppl in perplexity.items()} for i, a in enumerate(FRONTIER_ATTACKS)
+        },
         "likelihood_accuracy": likelihood or dict.fromkeys(cells, 0.5),
         "teacher_accuracy": dict.fromkeys(cells, 0.4),
         "cmi": dict.fromkeys(cells, 1.0),
@@ -50,8 +55,10 @@ def test_gaps_against_both_floors_and_the_strongest_attack():
     assert soft["mean_gap_closed"]["sft"]["forward_kl"] == pytest.approx(0.5)
     assert soft["mean_gap_closed"]["top1"]["forward_kl"] == pytest.approx(1.0)
     # the re-temperer gets the raw student back: it is the strongest, y = 0
-    assert soft["strongest_attack"] == {"sft": "adaptive_retemper", "top1": "adaptive_retemper"}
-    assert soft["y"] == {"sft": pytest.approx(0.0), "top1": pytest.approx(0.0)}
+    assert (
+        soft["strongest_attack"]["sft"] == soft["strongest_attack"]["top1"] == "adaptive_retemper"
+    )
+    assert (soft["y"]["sft"], soft["y"]["top1"]) == (pytest.approx(0.0), pytest.approx(0.0))
     assert soft["students"]["reverse_kl"]["1"] == {"accuracy": 0.25, "perplexity": 50.0}
     assert front["floors"]["0"] == {
         "sft": 0.1,
@@ -61,6 +68,26 @@ def test_gaps_against_both_floors_and_the_strongest_attack():
     }
     with pytest.raises(ValueError, match="only seeds differ"):
         frontier([runs[0], {**runs[1], "config": {"seed": 1, "steps": 60}}])
+
+
+def test_gaps_on_the_students_log_likelihood():
+    # raw students' perplexity 40, SFT floor 90, top-1 student 80 (result's floors)
+    cells = {"no_defense": [0.3] * 4, "top_k@5": [0.3] * 4}
+    ppl = {"no_defense": [40.0] * 4, "top_k@5": [60.0, 50.0, 45.0, 70.0]}
+    runs = [result(s, cells, perplexity=ppl) for s in (0, 1)]
+    point = next(p for p in frontier(runs)["points"] if p["defense"] == "top_k@5")
+    # (log 45 - log 40) / (log 90 - log 40): the re-temperer stops it least
+    want = (math.log(45) - math.log(40)) / (math.log(90) - math.log(40))
+    assert point["strongest_attack"]["sft_nll"] == "adaptive_retemper"
+    assert point["y"]["sft_nll"] == pytest.approx(want)
+    assert point["y_sd"]["sft_nll"] == pytest.approx(0.0)
+    want = (math.log(45) - math.log(40)) / (math.log(80) - math.log(40))
+    assert point["y"]["top1_nll"] == pytest.approx(want)
+    # the same accuracy as the raw teacher's students: nothing closed on accuracy
+    assert point["y"]["sft"] == pytest.approx(0.0)
+    assert point["gap_closed"]["sft_nll"]["reverse_kl"]["1"] == pytest.approx(
+        (math.log(50) - math.log(40)) / (math.log(90) - math.log(40))
+    )
 
 
 def test_a_point_above_every_baseline_curve_and_one_below():
@@ -82,7 +109,7 @@ def test_a_point_above_every_baseline_curve_and_one_below():
     }
     cells = {"no_defense": [0.3] * 4} | {d: [0.3 - 0.2 * g] * 4 for d, g in y.items()}
     front = frontier([result(0, cells, likelihood=likelihood)])
-    checks = {(c["defense"], c["floor"]): c for c in verdicts(front)}
+    checks = {(c["defense"], c["scale"]): c for c in verdicts(front)}
     good, bad = checks[("cmiguard@good", "sft")], checks[("cmiguard@bad", "sft")]
     # at x = 0.8 the temperature curve runs from (0.9, 0) to (0.7, 0.2): y = 0.1
     assert good["curves"]["soften"] == pytest.approx(0.1)

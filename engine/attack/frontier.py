@@ -2,7 +2,10 @@
 
 x = honest users' log-likelihood accuracy; y = the gap closed under the
 strongest of several attackers, against the SFT floor and against the top-1
-student (for a defense that keeps the argmax the reachable floor). Every
+student (for a defense that keeps the argmax the reachable floor), read on
+two measures of the students: held-out next-token accuracy, and held-out
+log-likelihood (nats a token, ``−log perplexity``), which at this budget
+moves about ten times less from seed to seed (docs/EVALUATION.md). Every
 defense is a point, a family (temperature, top-k, noise, cmiguard over its
 training trajectory) a curve over its knob. The numbers come from
 :func:`cmiguard.attack.evaluation.evaluate` runs, one per seed, of the same
@@ -28,7 +31,24 @@ from cmiguard.transforms import LogitTransform
 # the strongest of these decides a point's y: two naive losses and the two
 # adaptive attackers that never see raw logits
 FRONTIER_ATTACKS = ("forward_kl", "reverse_kl", "adaptive_retemper", "adaptive_blind_inverse")
-FLOORS = ("sft", "top1")
+# the scales a gap is read on: (student measure, floor)
+SCALES = {
+    "sft": ("accuracy", "sft"),
+    "top1": ("accuracy", "top1"),
+    "sft_nll": ("nll", "sft"),
+    "top1_nll": ("nll", "top1"),
+}
+
+
+def _score(cell: dict, measure: str) -> float:
+    """Higher is better on both measures: accuracy, or ``−log perplexity``."""
+    return cell["accuracy"] if measure == "accuracy" else -math.log(cell["perplexity"])
+
+
+def _floor_score(floors: dict, floor: str, measure: str) -> float:
+    if measure == "accuracy":
+        return floors[floor]
+    return -math.log(floors[f"{floor}_perplexity"])
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -46,7 +66,8 @@ def _sd(values: Sequence[float]) -> float:
 def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) -> dict:
     """One point per defense the runs share (every attack, every seed), with
     everything a gap is computed from: per attack and seed the student's
-    accuracy and perplexity, and per seed both floors."""
+    accuracy and perplexity, and per seed both floors. Gaps, the strongest
+    attack and y are keyed by scale (:data:`SCALES`)."""
     if not runs:
         raise ValueError("frontier needs at least one evaluation run")
     base = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
@@ -89,20 +110,22 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
         family, knob = parse(d)
         cells = students(d)
         gaps = {
-            floor: {
+            scale: {
                 a: {
                     seed: gap_closed(
-                        raw[a][seed]["accuracy"], cells[a][seed]["accuracy"], floors[seed][floor]
+                        _score(raw[a][seed], measure),
+                        _score(cells[a][seed], measure),
+                        _floor_score(floors[seed], floor, measure),
                     )
                     for seed in seeds
                 }
                 for a in attacks
             }
-            for floor in FLOORS
+            for scale, (measure, floor) in SCALES.items()
         }
         mean_gaps = {f: {a: _mean(list(g[a].values())) for a in attacks} for f, g in gaps.items()}
         strongest = {
-            f: min(attacks, key=lambda a, f=f: mean_gaps[f][a]) for f in FLOORS
+            f: min(attacks, key=lambda a, f=f: mean_gaps[f][a]) for f in SCALES
         }  # the attacker the defense stops least
         per_defense = {
             key: _mean([run[key][d] for run in runs if d in run.get(key, {})])
@@ -118,8 +141,8 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
                 "gap_closed": gaps,
                 "mean_gap_closed": mean_gaps,
                 "strongest_attack": strongest,
-                "y": {f: mean_gaps[f][strongest[f]] for f in FLOORS},
-                "y_sd": {f: _sd(list(gaps[f][strongest[f]].values())) for f in FLOORS},
+                "y": {f: mean_gaps[f][strongest[f]] for f in SCALES},
+                "y_sd": {f: _sd(list(gaps[f][strongest[f]].values())) for f in SCALES},
             }
         )
     return {"seeds": seeds, "attacks": list(attacks), "floors": floors, "points": points}
@@ -142,10 +165,10 @@ def curves(front: dict) -> dict[str, list[dict]]:
     return out
 
 
-def _curve_at(curve: list[dict], x: float, floor: str) -> float | None:
+def _curve_at(curve: list[dict], x: float, scale: str) -> float | None:
     """The baseline curve's y at users' accuracy ``x`` (linear between its
     points in x), or None where the curve does not reach ``x``."""
-    xy = sorted((p["likelihood_accuracy"], p["y"][floor]) for p in curve)
+    xy = sorted((p["likelihood_accuracy"], p["y"][scale]) for p in curve)
     for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -153,27 +176,27 @@ def _curve_at(curve: list[dict], x: float, floor: str) -> float | None:
 
 
 def verdicts(front: dict) -> list[dict]:
-    """For each cmiguard point and floor: each baseline curve's y at its x and
+    """For each cmiguard point and scale: each baseline curve's y at its x and
     whether the point lies above it, and whether any baseline point dominates
     it (as much utility and as large a gap closed)."""
     families = curves(front)
     baselines = {f: c for f, c in families.items() if f != "cmiguard"}
     out = []
     for p in families.get("cmiguard", []):
-        for floor in FLOORS:
-            x, y = p["likelihood_accuracy"], p["y"][floor]
-            at = {f: _curve_at(c, x, floor) for f, c in baselines.items()}
+        for scale in SCALES:
+            x, y = p["likelihood_accuracy"], p["y"][scale]
+            at = {f: _curve_at(c, x, scale) for f, c in baselines.items()}
             dominated = [
                 q["defense"]
                 for c in baselines.values()
                 for q in c
-                if q["likelihood_accuracy"] >= x and q["y"][floor] >= y
+                if q["likelihood_accuracy"] >= x and q["y"][scale] >= y
             ]
             above = all(v is not None and y > v for v in at.values()) and not dominated
             out.append(
                 {
                     "defense": p["defense"],
-                    "floor": floor,
+                    "scale": scale,
                     "x": x,
                     "y": y,
                     "curves": at,
@@ -192,49 +215,71 @@ def _cell(value: float | None, fmt: str = ".2f") -> str:
     )
 
 
+SCALE_NAMES = {
+    "sft": "accuracy vs SFT",
+    "top1": "accuracy vs top-1",
+    "sft_nll": "log-lik. vs SFT",
+    "top1_nll": "log-lik. vs top-1",
+}
+
+
 def frontier_table(front: dict) -> str:
-    """Markdown: one row per point, then the verdict per cmiguard point."""
+    """Markdown: one row per point, the gaps per attack, then the verdict per
+    cmiguard point."""
     lines = [
         f"Seeds: {', '.join(front['seeds'])}; attacks: {', '.join(front['attacks'])}. "
-        "y = mean gap closed over seeds under the strongest attack (± sd over seeds).",
+        "y = mean gap closed over seeds under the strongest attack (± sd over seeds), "
+        "on the students' held-out accuracy and on their held-out log-likelihood "
+        "(−log perplexity), each against the SFT floor and the top-1 student.",
         "",
         "| defense | users' log-lik. acc. | teacher acc. | CMI served / re-tempered | "
-        "y vs SFT floor | strongest | y vs top-1 floor | strongest |",
-        "|---|---|---|---|---|---|---|---|",
+        + " | ".join(f"y, {SCALE_NAMES[s]} | strongest" for s in SCALES)
+        + " |",
+        "|---|---|---|---|" + "---|---|" * len(SCALES),
     ]
     for p in front["points"]:
         ys = [
-            f"{_cell(p['y'][f])} ± {_cell(p['y_sd'][f])} | {p['strongest_attack'][f]}"
-            for f in FLOORS
+            f"{_cell(p['y'][s])} ± {_cell(p['y_sd'][s])} | {p['strongest_attack'][s]}"
+            for s in SCALES
         ]
         lines.append(
             f"| {p['defense']} | {_cell(p['likelihood_accuracy'], '.3f')} | "
             f"{_cell(p['teacher_accuracy'], '.4f')} | {_cell(p['cmi'], '.3f')} / "
-            f"{_cell(p['cmi_retempered'], '.3f')} | {ys[0]} | {ys[1]} |"
+            f"{_cell(p['cmi_retempered'], '.3f')} | " + " | ".join(ys) + " |"
         )
+    for measure, (sft, top1) in {
+        "accuracy": ("sft", "top1"),
+        "log-lik.": ("sft_nll", "top1_nll"),
+    }.items():
+        lines += [
+            "",
+            f"Gap closed on {measure} per attack (mean over seeds), vs the SFT floor / "
+            "the top-1 student:",
+            "",
+            "| defense | " + " | ".join(front["attacks"]) + " |",
+            "|---|" + "---|" * len(front["attacks"]),
+        ]
+        for p in front["points"]:
+            g = p["mean_gap_closed"]
+            cells = [f"{_cell(g[sft][a])} / {_cell(g[top1][a])}" for a in front["attacks"]]
+            lines.append(f"| {p['defense']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Gap closed per attack (mean over seeds), vs the SFT floor / the top-1 student:",
-        "",
+        "| seed | SFT floor acc. / perplexity | top-1 student acc. / perplexity |",
+        "|---|---|---|",
     ]
-    lines += ["| defense | " + " | ".join(front["attacks"]) + " |"]
-    lines += ["|---|" + "---|" * len(front["attacks"])]
-    for p in front["points"]:
-        cells = [
-            f"{_cell(p['mean_gap_closed']['sft'][a])} / {_cell(p['mean_gap_closed']['top1'][a])}"
-            for a in front["attacks"]
-        ]
-        lines.append(f"| {p['defense']} | " + " | ".join(cells) + " |")
-    lines += ["", "| seed | SFT floor | top-1 student |", "|---|---|---|"]
     for seed, f in front["floors"].items():
-        lines.append(f"| {seed} | {f['sft']:.4f} | {f['top1']:.4f} |")
+        lines.append(
+            f"| {seed} | {f['sft']:.4f} / {f['sft_perplexity']:.0f} | "
+            f"{f['top1']:.4f} / {f['top1_perplexity']:.0f} |"
+        )
     checks = verdicts(front)
     if checks:
         lines += [
             "",
             "Is a cmiguard point above every baseline curve (at its own users' accuracy)?",
             "",
-            "| point | floor | x | y | baseline curves' y at x | dominated by | above all |",
+            "| point | scale | x | y | baseline curves' y at x | dominated by | above all |",
             "|---|---|---|---|---|---|---|",
         ]
         for c in checks:
@@ -242,15 +287,16 @@ def frontier_table(front: dict) -> str:
             by = ", ".join(c["dominated_by"]) or "—"
             above = "yes" if c["above_every_baseline"] else "no"
             lines.append(
-                f"| {c['defense']} | {c['floor']} | {c['x']:.3f} | {_cell(c['y'])} | {at} | "
-                f"{by} | {above} |"
+                f"| {c['defense']} | {SCALE_NAMES[c['scale']]} | {c['x']:.3f} | "
+                f"{_cell(c['y'])} | {at} | {by} | {above} |"
             )
     return "\n".join(lines)
 
 
 def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None:
     """``frontier.{json,md,png}`` under ``out``: the points, the table with the
-    command and its wall time, and the plane with each family as a curve."""
+    command and its wall time, and the plane with each family as a curve (one
+    panel per scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,27 +311,28 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
     )
     head = f"```bash\n{command}\n```\n\nWall time so far: {seconds / 3600:.1f} h.\n\n"
     (out / "frontier.md").write_text(head + frontier_table(front) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    for ax, floor in zip(axes, FLOORS, strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True)
+    for ax, scale in zip(axes.flat, SCALES, strict=True):
         for family, curve in curves(front).items():
             xs = [p["likelihood_accuracy"] for p in curve]
-            ys = [p["y"][floor] for p in curve]
+            ys = [p["y"][scale] for p in curve]
             style = (
                 {"marker": "*", "ms": 11, "lw": 1.5} if family == "cmiguard" else {"marker": "o"}
             )
             line = ax.plot(xs, ys, label=family, **style)[0]
-            sds = [p["y_sd"][floor] for p in curve]  # NaN (no bar) with one seed
+            sds = [p["y_sd"][scale] for p in curve]  # NaN (no bar) with one seed
             ax.errorbar(xs, ys, yerr=sds, fmt="none", ecolor=line.get_color(), capsize=3, lw=0.8)
             for p, x, y in zip(curve, xs, ys, strict=True):
                 if p["knob"] is not None:
                     ax.annotate(f"{p['knob']:g}" if family != "cmiguard" else p["knob"], (x, y),
                                 fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
         ax.axhline(0, color="k", lw=0.8)
-        name = "SFT floor" if floor == "sft" else "top-1 student"
-        ax.set_title(f"gap closed vs the {name}, strongest attack", fontsize=9)
+        ax.set_title(f"gap closed, students' {SCALE_NAMES[scale]}, strongest attack", fontsize=9)
+    for ax in axes[1]:
         ax.set_xlabel("honest users' log-likelihood accuracy (held-out capitals)")
-    axes[0].set_ylabel("gap closed (1 = distillation reduced to the floor)")
-    axes[0].legend(fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("gap closed (1 = distillation reduced to the floor)")
+    axes[0, 0].legend(fontsize=8)
     fig.suptitle(
         f"seeds {', '.join(front['seeds'])} (bars: sd over seeds): "
         "better defenses sit up and to the right"
