@@ -90,6 +90,17 @@ def test_gaps_on_the_students_log_likelihood():
     )
 
 
+def test_seed_sd_is_the_median_spread_of_a_gap_over_seeds():
+    cells = {"no_defense": [0.3] * 4, "top_k@5": [0.3] * 4}
+    # accuracy gaps 0 on seed 0; on seed 1 the four attacks' students fall by 0, 0.02, 0.04, 0.1
+    seed1 = {"no_defense": [0.3] * 4, "top_k@5": [0.3, 0.28, 0.26, 0.2]}
+    front = frontier([result(0, cells), result(1, seed1)])
+    # gaps on seed 1: 0, 0.1, 0.2, 0.5 (floor 0.10); sd of (0, g) = g / sqrt(2); median of 4 = 3rd
+    assert front["seed_sd"]["sft"] == pytest.approx(0.2 / math.sqrt(2))
+    assert front["seed_sd"]["sft_nll"] == pytest.approx(0.0)  # perplexity 50 everywhere
+    assert math.isnan(frontier([result(0, cells)])["seed_sd"]["sft"])
+
+
 def test_a_point_above_every_baseline_curve_and_one_below():
     likelihood = {
         "no_defense": 0.9,

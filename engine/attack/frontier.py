@@ -90,7 +90,13 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
         if all(d in run["attacks"].get(a, {}) for run in runs for a in attacks)
     ]
     if "no_defense" not in defenses:
-        return {"seeds": seeds, "attacks": list(attacks), "floors": floors, "points": []}
+        return {
+            "seeds": seeds,
+            "attacks": list(attacks),
+            "floors": floors,
+            "points": [],
+            "seed_sd": seed_sd([]),
+        }
 
     def students(defense: str) -> dict:
         return {
@@ -145,7 +151,29 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
                 "y_sd": {f: _sd(list(gaps[f][strongest[f]].values())) for f in SCALES},
             }
         )
-    return {"seeds": seeds, "attacks": list(attacks), "floors": floors, "points": points}
+    return {
+        "seeds": seeds,
+        "attacks": list(attacks),
+        "floors": floors,
+        "points": points,
+        "seed_sd": seed_sd(points),
+    }
+
+
+def seed_sd(points: Sequence[dict]) -> dict[str, float]:
+    """Per scale, the median over (defended point, attack) of the gap's sd over
+    seeds: how far one seed's gap is to be trusted (NaN with one seed)."""
+    out = {}
+    for scale in SCALES:
+        sds = sorted(
+            _sd(list(p["gap_closed"][scale][a].values()))
+            for p in points
+            if p["family"] != "no_defense"
+            for a in p["gap_closed"][scale]
+        )
+        sds = [v for v in sds if not math.isnan(v)]
+        out[scale] = sds[len(sds) // 2] if sds else float("nan")
+    return out
 
 
 def curves(front: dict) -> dict[str, list[dict]]:
@@ -230,7 +258,10 @@ def frontier_table(front: dict) -> str:
         f"Seeds: {', '.join(front['seeds'])}; attacks: {', '.join(front['attacks'])}. "
         "y = mean gap closed over seeds under the strongest attack (± sd over seeds), "
         "on the students' held-out accuracy and on their held-out log-likelihood "
-        "(−log perplexity), each against the SFT floor and the top-1 student.",
+        "(−log perplexity), each against the SFT floor and the top-1 student. "
+        "A gap's sd over seeds (median over points and attacks): "
+        + ", ".join(f"{SCALE_NAMES[s]} {_cell(front['seed_sd'][s])}" for s in SCALES)
+        + ".",
         "",
         "| defense | users' log-lik. acc. | teacher acc. | CMI served / re-tempered | "
         + " | ".join(f"y, {SCALE_NAMES[s]} | strongest" for s in SCALES)
