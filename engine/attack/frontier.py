@@ -5,7 +5,7 @@ strongest of several attackers, against the SFT floor and against the top-1
 student (for a defense that keeps the argmax the reachable floor), read on
 two measures of the students: held-out next-token accuracy, and held-out
 log-likelihood (nats a token, ``−log perplexity``), which at this budget
-moves about ten times less from seed to seed (docs/EVALUATION.md). Every
+moves several times less from seed to seed (``seed_sd``; docs/EVALUATION.md). Every
 defense is a point, a family (temperature, top-k, noise, cmiguard over its
 training trajectory) a curve over its knob. The numbers come from
 :func:`cmiguard.attack.evaluation.evaluate` runs, one per seed, of the same
@@ -38,6 +38,9 @@ SCALES = {
     "sft_nll": ("nll", "sft"),
     "top1_nll": ("nll", "top1"),
 }
+MEASURE_NAMES = {"accuracy": "accuracy", "nll": "log-lik."}
+FLOOR_NAMES = {"sft": "SFT", "top1": "top-1"}
+SCALE_NAMES = {s: f"{MEASURE_NAMES[m]} vs {FLOOR_NAMES[f]}" for s, (m, f) in SCALES.items()}
 
 
 def _score(cell: dict, measure: str) -> float:
@@ -243,14 +246,6 @@ def _cell(value: float | None, fmt: str = ".2f") -> str:
     )
 
 
-SCALE_NAMES = {
-    "sft": "accuracy vs SFT",
-    "top1": "accuracy vs top-1",
-    "sft_nll": "log-lik. vs SFT",
-    "top1_nll": "log-lik. vs top-1",
-}
-
-
 def frontier_table(front: dict) -> str:
     """Markdown: one row per point, the gaps per attack, then the verdict per
     cmiguard point."""
@@ -278,13 +273,11 @@ def frontier_table(front: dict) -> str:
             f"{_cell(p['teacher_accuracy'], '.4f')} | {_cell(p['cmi'], '.3f')} / "
             f"{_cell(p['cmi_retempered'], '.3f')} | " + " | ".join(ys) + " |"
         )
-    for measure, (sft, top1) in {
-        "accuracy": ("sft", "top1"),
-        "log-lik.": ("sft_nll", "top1_nll"),
-    }.items():
+    for measure, name in MEASURE_NAMES.items():
+        sft, top1 = (s for s, (m, _) in SCALES.items() if m == measure)
         lines += [
             "",
-            f"Gap closed on {measure} per attack (mean over seeds), vs the SFT floor / "
+            f"Gap closed on {name} per attack (mean over seeds), vs the SFT floor / "
             "the top-1 student:",
             "",
             "| defense | " + " | ".join(front["attacks"]) + " |",
