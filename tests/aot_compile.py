@@ -36,13 +36,17 @@ def signature(fn, constexprs, pointer_types):
     return sig
 
 
-def compile_one(fn, constexprs, pointer_types=None):
+def compile_kernel(fn, constexprs, pointer_types=None, num_warps=4):
+    """``fn`` compiled for sm_90 with the launch options the kernels use."""
     src = triton.compiler.ASTSource(
         fn=fn, signature=signature(fn, constexprs, pointer_types or {}), constexprs=constexprs
     )
-    kernel = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}
-    )
+    options = {"enable_fp_fusion": False, "num_warps": num_warps}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_one(fn, constexprs, pointer_types=None):
+    kernel = compile_kernel(fn, constexprs, pointer_types)
     assert "ptx" in kernel.asm and len(kernel.asm["ptx"]) > 1000
     return fn.__name__
 

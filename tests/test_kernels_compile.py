@@ -31,3 +31,26 @@ def test_kernels_compile_for_hopper():
         "decode_write_kernel",
     ):
         assert name in run.stdout
+
+
+def test_register_pressure_reads_the_cubin():
+    """bench/register_pressure.py's reading: a 128 × 128 lse tile spills more than 128 × 32."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import register_pressure as r\n"
+        "name, fn, consts, pointers = r.KERNELS[1]\n"
+        "for bn, bv in ((128, 32), (128, 128)):\n"
+        "    tile = {'BLOCK_N': bn, 'BLOCK_V': bv, 'BLOCK_R': r.RANK, 'DOT': 'tf32x3'}\n"
+        "    k = r.compile_kernel(fn, {**consts, **tile}, pointers, num_warps=8)\n"
+        "    print(*r.resources(k.asm['cubin']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (small_regs, small_stack), (big_regs, big_stack) = [
+        tuple(map(int, line.split())) for line in run.stdout.splitlines()
+    ]
+    assert 0 < small_regs <= 255 and 0 < big_regs <= 255
+    assert big_stack > small_stack >= 0
