@@ -9,6 +9,7 @@ from cmiguard import LowRankTransform
 from cmiguard.attack.evaluation import EvalConfig
 from cmiguard.attack.frontier import (
     FRONTIER_ATTACKS,
+    _cmiguard_runs,
     frontier,
     report_frontier,
     run_frontier,
@@ -176,3 +177,9 @@ def test_run_frontier_resumes_and_adds_a_seed(tmp_path):
     assert one["seeds"] == ["1"]
     assert json.loads((tmp_path / "a" / "seed1" / "frontier.json").read_text())["seeds"] == ["1"]
     assert json.loads((tmp_path / "a" / "frontier.json").read_text())["seeds"] == ["0", "1"]
+
+
+def test_the_plot_joins_a_runs_steps_and_never_two_runs():
+    points = [{"knob": k} for k in ("lam1-step2", "cmi30", "lam1-step30", "cmi-step30")]
+    runs = [[p["knob"] for p in run] for run in _cmiguard_runs(points)]
+    assert runs == [["lam1-step2", "lam1-step30"], ["cmi30"], ["cmi-step30"]]

@@ -338,18 +338,10 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True)
     for ax, scale in zip(axes.flat, SCALES, strict=True):
         for family, curve in curves(front).items():
-            xs = [p["likelihood_accuracy"] for p in curve]
-            ys = [p["y"][scale] for p in curve]
-            style = (
-                {"marker": "*", "ms": 11, "lw": 1.5} if family == "cmiguard" else {"marker": "o"}
-            )
-            line = ax.plot(xs, ys, label=family, **style)[0]
-            sds = [p["y_sd"][scale] for p in curve]  # NaN (no bar) with one seed
-            ax.errorbar(xs, ys, yerr=sds, fmt="none", ecolor=line.get_color(), capsize=3, lw=0.8)
-            for p, x, y in zip(curve, xs, ys, strict=True):
-                if p["knob"] is not None:
-                    ax.annotate(f"{p['knob']:g}" if family != "cmiguard" else p["knob"], (x, y),
-                                fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            if family == "cmiguard":
+                _plot_curves(ax, _cmiguard_runs(curve), scale, family, {"marker": "*", "ms": 11})
+            else:
+                _plot_curves(ax, [curve], scale, family, {"marker": "o"})
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(f"gap closed, students' {SCALE_NAMES[scale]}, strongest attack", fontsize=9)
     for ax in axes[1]:
@@ -364,6 +356,32 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
     plt.close(fig)
+
+
+def _cmiguard_runs(points: list[dict]) -> list[list[dict]]:
+    """cmiguard points split into training runs, in the order given: labels
+    ``RUN-stepK`` share a run (one line through its steps); any other label
+    stands alone, so a line never joins two runs."""
+    runs: dict[str, list[dict]] = {}
+    for p in points:
+        runs.setdefault(p["knob"].rsplit("-step", 1)[0], []).append(p)
+    return list(runs.values())
+
+
+def _plot_curves(ax, lines: list[list[dict]], scale: str, family: str, style: dict) -> None:
+    """One colour and legend entry per family; each line with its sd bars and knob labels."""
+    color = None
+    for i, curve in enumerate(lines):
+        xs = [p["likelihood_accuracy"] for p in curve]
+        ys = [p["y"][scale] for p in curve]
+        label = family if i == 0 else None
+        color = ax.plot(xs, ys, label=label, color=color, **style)[0].get_color()
+        sds = [p["y_sd"][scale] for p in curve]  # NaN (no bar) with one seed
+        ax.errorbar(xs, ys, yerr=sds, fmt="none", ecolor=color, capsize=3, lw=0.8)
+        for p, x, y in zip(curve, xs, ys, strict=True):
+            if p["knob"] is not None:
+                text = p["knob"] if family == "cmiguard" else f"{p['knob']:g}"
+                ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
 
 
 def run_frontier(
