@@ -1,6 +1,6 @@
 """Registers and spills of the kernels per tile shape, compiled for sm_90 without a GPU.
 
-    python bench/register_pressure.py [--out bench/register_pressure.json]
+    python bench/register_pressure.py [--block-r 64] [--out bench/register_pressure.json]
 
 The ``BLOCK_N ≥ 2r`` tiling (issue 20) trades the factor tiles' traffic
 (``r / BLOCK_N`` of a B tile per z tile) against registers: a
@@ -94,11 +94,12 @@ def resources(cubin: bytes) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
-def measure() -> list[dict]:
+def measure(block_r: int = RANK) -> list[dict]:
+    """Every kernel at every tile, the rank-64 product taken ``block_r`` columns at a time."""
     rows = []
     jobs = [(k, t) for k in KERNELS for t in TILES]
     for (name, fn, consts, pointers), (bn, bv, warps) in tqdm(jobs, desc="compile sm_90"):
-        tile = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_R": RANK, "DOT": "tf32x3"}
+        tile = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_R": block_r, "DOT": "tf32x3"}
         kernel = compile_kernel(fn, {**consts, **tile}, pointers, num_warps=warps)
         regs, stack = resources(kernel.asm["cubin"])
         rows.append(
@@ -128,10 +129,12 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block-r", type=int, default=RANK, choices=[16, 32, 64])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "register_pressure.json")
     args = parser.parse_args()
-    rows = measure()
-    args.out.write_text(json.dumps({"rank": RANK, "target": "sm_90", "rows": rows}, indent=1))
+    rows = measure(args.block_r)
+    result = {"rank": RANK, "block_r": args.block_r, "target": "sm_90", "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1))
     print(table(rows))
 
 

@@ -28,18 +28,21 @@ from cmiguard.kernels.config import LaunchConfig, forced, launch_config  # noqa:
 from cmiguard.kernels.purify import purify_triton  # noqa: E402
 
 SHAPES = [(1, 151_936, 64), (1024, 49_152, 64), (8192, 151_936, 64)]
-# (block_n, block_v, num_warps, dot); 64 × 64 and 128 × 32 at 8 warps spill least
-# at compile time (bench/register_pressure.py)
+# (block_n, block_v, block_r, num_warps, dot); 64 × 64 and 128 × 32 at 8 warps spill
+# least at compile time, less still with the rank taken 16 at a time
+# (bench/register_pressure.py)
 CONFIGS = [
-    (16, 128, 4, "tf32x3"),
-    (32, 128, 4, "tf32x3"),
-    (32, 128, 8, "tf32x3"),
-    (64, 128, 8, "tf32x3"),
-    (64, 64, 8, "tf32x3"),
-    (128, 32, 8, "tf32x3"),
-    (32, 256, 8, "tf32x3"),
-    (16, 64, 4, "tf32x3"),
-    (32, 128, 4, "ieee"),
+    (16, 128, 64, 4, "tf32x3"),
+    (32, 128, 64, 4, "tf32x3"),
+    (32, 128, 64, 8, "tf32x3"),
+    (32, 128, 16, 8, "tf32x3"),
+    (64, 128, 64, 8, "tf32x3"),
+    (64, 64, 64, 8, "tf32x3"),
+    (128, 32, 64, 8, "tf32x3"),
+    (128, 32, 16, 8, "tf32x3"),
+    (32, 256, 64, 8, "tf32x3"),
+    (16, 64, 64, 4, "tf32x3"),
+    (32, 128, 64, 4, "ieee"),
 ]
 
 
@@ -48,7 +51,8 @@ def sweep(case: Case, bandwidth: float) -> list[dict]:
     z, labels, t = make_inputs(case, "cuda")
     variants = [("default", launch_config(case.n, case.v, case.rank))]
     variants += [
-        (f"{bn}x{bv} w{w} {d}", LaunchConfig(bn, bv, 64, w, d)) for bn, bv, w, d in CONFIGS
+        (f"{bn}x{bv}{'' if br == 64 else f' r{br}'} w{w} {d}", LaunchConfig(bn, bv, br, w, d))
+        for bn, bv, br, w, d in CONFIGS
     ]
     ours = implementations(case, z, labels, t)["ours"]
     timings = []
