@@ -94,16 +94,24 @@ def resources(cubin: bytes) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
+def usage(
+    kernel: tuple, block_n: int, block_v: int, warps: int, block_r: int = RANK
+) -> tuple[int, int]:
+    """``(registers per thread, stack bytes)`` of one entry of ``KERNELS`` at one tile."""
+    _, fn, consts, pointers = kernel
+    tile = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_R": block_r, "DOT": "tf32x3"}
+    compiled = compile_kernel(fn, {**consts, **tile}, pointers, num_warps=warps)
+    return resources(compiled.asm["cubin"])
+
+
 def measure(block_r: int = RANK) -> list[dict]:
     """Every kernel at every tile, the rank-64 product taken ``block_r`` columns at a time."""
     rows = []
     jobs = [(k, t) for k in KERNELS for t in TILES]
-    for (name, fn, consts, pointers), (bn, bv, warps) in tqdm(jobs, desc="compile sm_90"):
-        tile = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_R": block_r, "DOT": "tf32x3"}
-        kernel = compile_kernel(fn, {**consts, **tile}, pointers, num_warps=warps)
-        regs, stack = resources(kernel.asm["cubin"])
+    for kernel, (bn, bv, warps) in tqdm(jobs, desc="compile sm_90"):
+        regs, stack = usage(kernel, bn, bv, warps, block_r)
         rows.append(
-            {"kernel": name, "block_n": bn, "block_v": bv, "num_warps": warps}
+            {"kernel": kernel[0], "block_n": bn, "block_v": bv, "num_warps": warps}
             | {"registers": regs, "stack_bytes": stack, "b_per_z_tile": RANK / bn}
         )
     return rows

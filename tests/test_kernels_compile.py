@@ -39,11 +39,8 @@ def test_register_pressure_reads_the_cubin():
     root = Path(__file__).resolve().parent.parent
     code = (
         "import sys; sys.path.insert(0, 'bench'); import register_pressure as r\n"
-        "name, fn, consts, pointers = r.KERNELS[1]\n"
         "for bn, bv in ((128, 32), (128, 128)):\n"
-        "    tile = {'BLOCK_N': bn, 'BLOCK_V': bv, 'BLOCK_R': r.RANK, 'DOT': 'tf32x3'}\n"
-        "    k = r.compile_kernel(fn, {**consts, **tile}, pointers, num_warps=8)\n"
-        "    print(*r.resources(k.asm['cubin']))\n"
+        "    print(*r.usage(r.KERNELS[1], bn, bv, 8))\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
