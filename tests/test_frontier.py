@@ -91,6 +91,28 @@ def test_gaps_on_the_students_log_likelihood():
     )
 
 
+def test_the_attackers_best_student_against_its_best_from_raw_logits():
+    # a weak attack on raw logits (reverse KL, perplexity 80) that the defense helps
+    cells = {"no_defense": [0.3] * 4, "soften@2": [0.3] * 4}
+    ppl = {"no_defense": [40.0, 80.0, 40.0, 40.0], "soften@2": [60.0, 70.0, 60.0, 62.0]}
+    seed1 = {"no_defense": [40.0, 80.0, 40.0, 40.0], "soften@2": [60.0, 70.0, 55.0, 62.0]}
+    runs = [result(0, cells, perplexity=ppl), result(1, cells, perplexity=seed1)]
+    point = next(p for p in frontier(runs)["points"] if p["defense"] == "soften@2")
+    # per attack, reverse KL's student got better than its raw one: y < 0
+    assert point["strongest_attack"]["sft_nll"] == "reverse_kl"
+    assert point["y"]["sft_nll"] == pytest.approx(math.log(70 / 80) / math.log(90 / 80))
+    # the best student (perplexity 60, then 55) against the best raw one (40)
+    want = [math.log(60 / 40) / math.log(90 / 40), math.log(55 / 40) / math.log(90 / 40)]
+    assert point["best_attack"]["sft_nll"] == {"0": "forward_kl", "1": "adaptive_retemper"}
+    assert point["best_gap"]["sft_nll"] == {
+        "0": pytest.approx(want[0]),
+        "1": pytest.approx(want[1]),
+    }
+    assert point["y_best"]["sft_nll"] == pytest.approx(sum(want) / 2)
+    assert point["y_best_sd"]["sft_nll"] == pytest.approx(abs(want[0] - want[1]) / math.sqrt(2))
+    assert point["y_best"]["sft"] == pytest.approx(0.0)  # accuracy 0.3 on both sides
+
+
 def test_seed_sd_is_the_median_spread_of_a_gap_over_seeds():
     cells = {"no_defense": [0.3] * 4, "top_k@5": [0.3] * 4}
     # accuracy gaps 0 on seed 0; on seed 1 the four attacks' students fall by 0, 0.02, 0.04, 0.1
@@ -128,6 +150,10 @@ def test_a_point_above_every_baseline_curve_and_one_below():
     assert good["curves"]["top_k"] == pytest.approx(0.06)  # (0.9, 0) to (0.4, 0.3)
     assert good["above_every_baseline"] and good["dominated_by"] == []
     assert not bad["above_every_baseline"] and bad["dominated_by"] == ["soften@2"]
+    # every attack gives the same student here, so the best-student reading agrees
+    best = {(c["defense"], c["scale"]): c for c in verdicts(front, "y_best")}
+    assert best[("cmiguard@good", "sft")]["above_every_baseline"]
+    assert best[("cmiguard@bad", "sft")]["dominated_by"] == ["soften@2"]
 
 
 def tiny_config():

@@ -10,6 +10,13 @@ defense is a point, a family (temperature, top-k, noise, cmiguard over its
 training trajectory) a curve over its knob. The numbers come from
 :func:`cmiguard.attack.evaluation.evaluate` runs, one per seed, of the same
 data and students.
+
+Two readings of y (:data:`READINGS`): ``y`` reads each attack against the raw
+teacher's student *under the same attack* and takes the attack the defense
+stops least; ``y_best`` reads the attacker's best student (the best of the
+attacks, per seed) against its best student from the raw teacher. They part
+where an attack is weak on raw logits too (reverse KL at this budget): a
+defense that helps only that attack looks strong on ``y`` and not on ``y_best``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ SCALES = {
 MEASURE_NAMES = {"accuracy": "accuracy", "nll": "log-lik."}
 FLOOR_NAMES = {"sft": "SFT", "top1": "top-1"}
 SCALE_NAMES = {s: f"{MEASURE_NAMES[m]} vs {FLOOR_NAMES[f]}" for s, (m, f) in SCALES.items()}
+# a point's two readings of y (module docstring)
+READINGS = {
+    "y": "each attack against the raw teacher's student under the same attack",
+    "y_best": "the attacker's best student against its best from the raw teacher",
+}
 
 
 def _score(cell: dict, measure: str) -> float:
@@ -70,7 +82,8 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
     """One point per defense the runs share (every attack, every seed), with
     everything a gap is computed from: per attack and seed the student's
     accuracy and perplexity, and per seed both floors. Gaps, the strongest
-    attack and y are keyed by scale (:data:`SCALES`)."""
+    attack, y and the best-student reading (``best_attack`` and ``best_gap``
+    per seed, ``y_best``) are keyed by scale (:data:`SCALES`)."""
     if not runs:
         raise ValueError("frontier needs at least one evaluation run")
     base = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
@@ -136,6 +149,24 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
         strongest = {
             f: min(attacks, key=lambda a, f=f: mean_gaps[f][a]) for f in SCALES
         }  # the attacker the defense stops least
+        best_attack = {
+            scale: {
+                seed: max(attacks, key=lambda a, m=measure, s=seed: _score(cells[a][s], m))
+                for seed in seeds
+            }
+            for scale, (measure, _) in SCALES.items()
+        }
+        best_gap = {
+            scale: {
+                seed: gap_closed(
+                    max(_score(raw[a][seed], measure) for a in attacks),
+                    _score(cells[best_attack[scale][seed]][seed], measure),
+                    _floor_score(floors[seed], floor, measure),
+                )
+                for seed in seeds
+            }
+            for scale, (measure, floor) in SCALES.items()
+        }
         per_defense = {
             key: _mean([run[key][d] for run in runs if d in run.get(key, {})])
             for key in ("likelihood_accuracy", "teacher_accuracy", "cmi", "cmi_retempered")
@@ -152,6 +183,10 @@ def frontier(runs: Sequence[dict], attacks: Sequence[str] = FRONTIER_ATTACKS) ->
                 "strongest_attack": strongest,
                 "y": {f: mean_gaps[f][strongest[f]] for f in SCALES},
                 "y_sd": {f: _sd(list(gaps[f][strongest[f]].values())) for f in SCALES},
+                "best_attack": best_attack,
+                "best_gap": best_gap,
+                "y_best": {f: _mean(list(best_gap[f].values())) for f in SCALES},
+                "y_best_sd": {f: _sd(list(best_gap[f].values())) for f in SCALES},
             }
         )
     return {
@@ -196,32 +231,33 @@ def curves(front: dict) -> dict[str, list[dict]]:
     return out
 
 
-def _curve_at(curve: list[dict], x: float, scale: str) -> float | None:
+def _curve_at(curve: list[dict], x: float, scale: str, reading: str) -> float | None:
     """The baseline curve's y at users' accuracy ``x`` (linear between its
     points in x), or None where the curve does not reach ``x``."""
-    xy = sorted((p["likelihood_accuracy"], p["y"][scale]) for p in curve)
+    xy = sorted((p["likelihood_accuracy"], p[reading][scale]) for p in curve)
     for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
 
 
-def verdicts(front: dict) -> list[dict]:
+def verdicts(front: dict, reading: str = "y") -> list[dict]:
     """For each cmiguard point and scale: each baseline curve's y at its x and
     whether the point lies above it, and whether any baseline point dominates
-    it (as much utility and as large a gap closed)."""
+    it (as much utility and as large a gap closed); y read as ``reading``
+    (:data:`READINGS`)."""
     families = curves(front)
     baselines = {f: c for f, c in families.items() if f != "cmiguard"}
     out = []
     for p in families.get("cmiguard", []):
         for scale in SCALES:
-            x, y = p["likelihood_accuracy"], p["y"][scale]
-            at = {f: _curve_at(c, x, scale) for f, c in baselines.items()}
+            x, y = p["likelihood_accuracy"], p[reading][scale]
+            at = {f: _curve_at(c, x, scale, reading) for f, c in baselines.items()}
             dominated = [
                 q["defense"]
                 for c in baselines.values()
                 for q in c
-                if q["likelihood_accuracy"] >= x and q["y"][scale] >= y
+                if q["likelihood_accuracy"] >= x and q[reading][scale] >= y
             ]
             above = all(v is not None and y > v for v in at.values()) and not dominated
             out.append(
@@ -252,6 +288,7 @@ def frontier_table(front: dict) -> str:
     lines = [
         f"Seeds: {', '.join(front['seeds'])}; attacks: {', '.join(front['attacks'])}. "
         "y = mean gap closed over seeds under the strongest attack (± sd over seeds), "
+        f"{READINGS['y']}, "
         "on the students' held-out accuracy and on their held-out log-likelihood "
         "(−log perplexity), each against the SFT floor and the top-1 student. "
         "A gap's sd over seeds (median over points and attacks): "
@@ -289,6 +326,27 @@ def frontier_table(front: dict) -> str:
             lines.append(f"| {p['defense']} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        f"y read as {READINGS['y_best']} (per seed: the best of the attacks on each side; "
+        "mean ± sd over seeds, and the attack that made the best student on each seed):",
+        "",
+        "| defense | users' log-lik. acc. | "
+        + " | ".join(f"y, {SCALE_NAMES[s]} | best student" for s in SCALES)
+        + " |",
+        "|---|---|" + "---|---|" * len(SCALES),
+    ]
+    for p in front["points"]:
+        ys = [
+            f"{_cell(p['y_best'][s])} ± {_cell(p['y_best_sd'][s])} | "
+            + "/".join(p["best_attack"][s].values())
+            for s in SCALES
+        ]
+        lines.append(
+            f"| {p['defense']} | {_cell(p['likelihood_accuracy'], '.3f')} | "
+            + " | ".join(ys)
+            + " |"
+        )
+    lines += [
+        "",
         "| seed | SFT floor acc. / perplexity | top-1 student acc. / perplexity |",
         "|---|---|---|",
     ]
@@ -297,11 +355,14 @@ def frontier_table(front: dict) -> str:
             f"| {seed} | {f['sft']:.4f} / {f['sft_perplexity']:.0f} | "
             f"{f['top1']:.4f} / {f['top1_perplexity']:.0f} |"
         )
-    checks = verdicts(front)
-    if checks:
+    for reading, name in READINGS.items():
+        checks = verdicts(front, reading)
+        if not checks:
+            continue
         lines += [
             "",
-            "Is a cmiguard point above every baseline curve (at its own users' accuracy)?",
+            "Is a cmiguard point above every baseline curve (at its own users' accuracy)? "
+            f"y read as {name}:",
             "",
             "| point | scale | x | y | baseline curves' y at x | dominated by | above all |",
             "|---|---|---|---|---|---|---|",
@@ -329,7 +390,13 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
     from cmiguard.checkpoint import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    data = {"command": command, "seconds": seconds, **front, "verdicts": verdicts(front)}
+    data = {
+        "command": command,
+        "seconds": seconds,
+        **front,
+        "verdicts": verdicts(front),
+        "verdicts_best": verdicts(front, "y_best"),
+    }
     atomic_write(
         out / "frontier.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
     )
