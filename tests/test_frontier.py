@@ -180,6 +180,9 @@ def test_run_frontier_resumes_and_adds_a_seed(tmp_path):
     assert [p["defense"] for p in one["points"]] == ["no_defense", *defenses]
     on_disk = json.loads((tmp_path / "a" / "frontier.json").read_text())
     assert on_disk["command"] == "frontier test" and on_disk["seeds"] == ["0"]
+    # both readings' verdicts, one per scale for the one cmiguard point
+    assert [len(on_disk[k]) for k in ("verdicts", "verdicts_best")] == [4, 4]
+    assert "best from the raw teacher" in (tmp_path / "a" / "frontier.md").read_text()
     first_seconds = json.loads((tmp_path / "a" / "seed0" / "evaluation.json").read_text())[
         "seconds"
     ]
