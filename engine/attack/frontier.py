@@ -379,14 +379,9 @@ def frontier_table(front: dict) -> str:
 
 
 def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None:
-    """``frontier.{json,md,png}`` under ``out``: the points, the table with the
-    command and its wall time, and the plane with each family as a curve (one
-    panel per scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``frontier.{json,md}`` under ``out``: the points, and the table with the
+    command and its wall time; and the plane for each reading of y
+    (``frontier.png``, ``frontier_best.png``)."""
     from cmiguard.checkpoint import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
@@ -402,26 +397,40 @@ def write_frontier(front: dict, out: Path, command: str, seconds: float) -> None
     )
     head = f"```bash\n{command}\n```\n\nWall time so far: {seconds / 3600:.1f} h.\n\n"
     (out / "frontier.md").write_text(head + frontier_table(front) + "\n")
+    for reading, name in (("y", "frontier.png"), ("y_best", "frontier_best.png")):
+        _plot_plane(front, reading, out / name)
+
+
+def _plot_plane(front: dict, reading: str, path: Path) -> None:
+    """The plane with each family as a curve, one panel per scale, y read as ``reading``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True)
     for ax, scale in zip(axes.flat, SCALES, strict=True):
         for family, curve in curves(front).items():
             if family == "cmiguard":
-                _plot_curves(ax, _cmiguard_runs(curve), scale, family, {"marker": "*", "ms": 11})
+                lines, style = _cmiguard_runs(curve), {"marker": "*", "ms": 11}
             else:
-                _plot_curves(ax, [curve], scale, family, {"marker": "o"})
+                lines, style = [curve], {"marker": "o"}
+            _plot_curves(ax, lines, scale, reading, family, style)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_title(f"gap closed, students' {SCALE_NAMES[scale]}, strongest attack", fontsize=9)
+        title = "strongest attack" if reading == "y" else "attacker's best student"
+        ax.set_title(f"gap closed, students' {SCALE_NAMES[scale]}, {title}", fontsize=9)
     for ax in axes[1]:
         ax.set_xlabel("honest users' log-likelihood accuracy (held-out capitals)")
     for ax in axes[:, 0]:
         ax.set_ylabel("gap closed (1 = distillation reduced to the floor)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(
-        f"seeds {', '.join(front['seeds'])} (bars: sd over seeds): "
-        "better defenses sit up and to the right"
+        f"y: {READINGS[reading]}; seeds {', '.join(front['seeds'])} (bars: sd over seeds); "
+        "better defenses sit up and to the right",
+        fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -435,15 +444,17 @@ def _cmiguard_runs(points: list[dict]) -> list[list[dict]]:
     return list(runs.values())
 
 
-def _plot_curves(ax, lines: list[list[dict]], scale: str, family: str, style: dict) -> None:
+def _plot_curves(
+    ax, lines: list[list[dict]], scale: str, reading: str, family: str, style: dict
+) -> None:
     """One colour and legend entry per family; each line with its sd bars and knob labels."""
     color = None
     for i, curve in enumerate(lines):
         xs = [p["likelihood_accuracy"] for p in curve]
-        ys = [p["y"][scale] for p in curve]
+        ys = [p[reading][scale] for p in curve]
         label = family if i == 0 else None
         color = ax.plot(xs, ys, label=label, color=color, **style)[0].get_color()
-        sds = [p["y_sd"][scale] for p in curve]  # NaN (no bar) with one seed
+        sds = [p[f"{reading}_sd"][scale] for p in curve]  # NaN (no bar) with one seed
         ax.errorbar(xs, ys, yerr=sds, fmt="none", ecolor=color, capsize=3, lw=0.8)
         for p, x, y in zip(curve, xs, ys, strict=True):
             if p["knob"] is not None:
