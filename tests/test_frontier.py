@@ -24,7 +24,7 @@ def result(seed, cells, floor=0.10, top1=0.15, likelihood=None, perplexity=None)
     """An evaluation's results: ``cells[defense]`` is each attack's student
     accuracy, ``perplexity[defense]`` (default 50 everywhere) its perplexity."""
     attacks = {a: {d: accs[i] for d, accs in cells.items()} for i, a in enumerate(FRONTIER_ATTACKS)}
-    perplexity = perplexity or {d: [50.0] * 4 for d in cells}
+    perplexity = perplexity or {d: [50.0] * len(FRONTIER_ATTACKS) for d in cells}
     return {
         "config": {"seed": seed, "steps": 240},
         "hard_label_floor": floor,
@@ -43,9 +43,9 @@ def result(seed, cells, floor=0.10, top1=0.15, likelihood=None, perplexity=None)
 
 def test_gaps_against_both_floors_and_the_strongest_attack():
     # raw students 0.30 under every attack; floors 0.10 (SFT) and 0.20 (top-1)
-    raw = [0.30] * 4
+    raw = [0.30] * 5
     runs = [
-        result(s, {"no_defense": raw, "soften@2": [0.20, 0.25, 0.30, 0.28]}, top1=0.20)
+        result(s, {"no_defense": raw, "soften@2": [0.20, 0.25, 0.30, 0.28, 0.29]}, top1=0.20)
         for s in (0, 1)
     ]
     front = frontier(runs)
@@ -73,8 +73,8 @@ def test_gaps_against_both_floors_and_the_strongest_attack():
 
 def test_gaps_on_the_students_log_likelihood():
     # raw students' perplexity 40, SFT floor 90, top-1 student 80 (result's floors)
-    cells = {"no_defense": [0.3] * 4, "top_k@5": [0.3] * 4}
-    ppl = {"no_defense": [40.0] * 4, "top_k@5": [60.0, 50.0, 45.0, 70.0]}
+    cells = {"no_defense": [0.3] * 5, "top_k@5": [0.3] * 5}
+    ppl = {"no_defense": [40.0] * 5, "top_k@5": [60.0, 50.0, 45.0, 70.0, 55.0]}
     runs = [result(s, cells, perplexity=ppl) for s in (0, 1)]
     point = next(p for p in frontier(runs)["points"] if p["defense"] == "top_k@5")
     # (log 45 - log 40) / (log 90 - log 40): the re-temperer stops it least
@@ -93,9 +93,12 @@ def test_gaps_on_the_students_log_likelihood():
 
 def test_the_attackers_best_student_against_its_best_from_raw_logits():
     # a weak attack on raw logits (reverse KL, perplexity 80) that the defense helps
-    cells = {"no_defense": [0.3] * 4, "soften@2": [0.3] * 4}
-    ppl = {"no_defense": [40.0, 80.0, 40.0, 40.0], "soften@2": [60.0, 70.0, 60.0, 62.0]}
-    seed1 = {"no_defense": [40.0, 80.0, 40.0, 40.0], "soften@2": [60.0, 70.0, 55.0, 62.0]}
+    cells = {"no_defense": [0.3] * 5, "soften@2": [0.3] * 5}
+    ppl = {"no_defense": [40.0, 80.0, 40.0, 40.0, 45.0], "soften@2": [60.0, 70.0, 60.0, 62.0, 65.0]}
+    seed1 = {
+        "no_defense": [40.0, 80.0, 40.0, 40.0, 45.0],
+        "soften@2": [60.0, 70.0, 55.0, 62.0, 65.0],
+    }
     runs = [result(0, cells, perplexity=ppl), result(1, cells, perplexity=seed1)]
     point = next(p for p in frontier(runs)["points"] if p["defense"] == "soften@2")
     # per attack, reverse KL's student got better than its raw one: y < 0
@@ -114,11 +117,11 @@ def test_the_attackers_best_student_against_its_best_from_raw_logits():
 
 
 def test_seed_sd_is_the_median_spread_of_a_gap_over_seeds():
-    cells = {"no_defense": [0.3] * 4, "top_k@5": [0.3] * 4}
-    # accuracy gaps 0 on seed 0; on seed 1 the four attacks' students fall by 0, 0.02, 0.04, 0.1
-    seed1 = {"no_defense": [0.3] * 4, "top_k@5": [0.3, 0.28, 0.26, 0.2]}
+    cells = {"no_defense": [0.3] * 5, "top_k@5": [0.3] * 5}
+    # accuracy gaps 0 on seed 0; on seed 1 the five attacks' students fall by 0, 0.02, 0.04, 0.1, 0.06
+    seed1 = {"no_defense": [0.3] * 5, "top_k@5": [0.3, 0.28, 0.26, 0.2, 0.24]}
     front = frontier([result(0, cells), result(1, seed1)])
-    # gaps on seed 1: 0, 0.1, 0.2, 0.5 (floor 0.10); sd of (0, g) = g / sqrt(2); median of 4 = 3rd
+    # gaps on seed 1: 0, 0.1, 0.2, 0.5, 0.3 (floor 0.10); sd of (0, g) = g / sqrt(2); median = 3rd
     assert front["seed_sd"]["sft"] == pytest.approx(0.2 / math.sqrt(2))
     assert front["seed_sd"]["sft_nll"] == pytest.approx(0.0)  # perplexity 50 everywhere
     assert math.isnan(frontier([result(0, cells)])["seed_sd"]["sft"])
@@ -141,7 +144,7 @@ def test_a_point_above_every_baseline_curve_and_one_below():
         "cmiguard@good": 0.5,
         "cmiguard@bad": 0.1,
     }
-    cells = {"no_defense": [0.3] * 4} | {d: [0.3 - 0.2 * g] * 4 for d, g in y.items()}
+    cells = {"no_defense": [0.3] * 5} | {d: [0.3 - 0.2 * g] * 5 for d, g in y.items()}
     front = frontier([result(0, cells, likelihood=likelihood)])
     checks = {(c["defense"], c["scale"]): c for c in verdicts(front)}
     good, bad = checks[("cmiguard@good", "sft")], checks[("cmiguard@bad", "sft")]

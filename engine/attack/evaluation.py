@@ -45,6 +45,9 @@ ATTACKS |= {
     # distil from the argmax of whatever is served: what any API leaks, even text
     "hard_label": {"attack": "forward_kl", "hard_label": True},
     "adaptive_retemper": {"attack": "forward_kl", "adaptive": "retemper"},
+    # re-tempered, then mode-seeking: reverse KL is the raw teacher's best student
+    # on accuracy here, and an overconfident output breaks it unless re-tempered first
+    "adaptive_retemper_reverse_kl": {"attack": "reverse_kl", "adaptive": "retemper"},
     # knows the family (a low-rank affine map), not its parameters; never sees raw logits
     "adaptive_blind_inverse": {"attack": "forward_kl", "adaptive": "blind_inverse"},
     # oracle (served, raw) pairs: an upper bound on inverting, not a realistic attacker

@@ -35,9 +35,15 @@ from cmiguard.attack.report import gap_closed
 from cmiguard.train.data import ChoiceQuestion, Example
 from cmiguard.transforms import LogitTransform
 
-# the strongest of these decides a point's y: two naive losses and the two
-# adaptive attackers that never see raw logits
-FRONTIER_ATTACKS = ("forward_kl", "reverse_kl", "adaptive_retemper", "adaptive_blind_inverse")
+# the strongest of these decides a point's y: two naive losses and the
+# adaptive attackers that never see raw logits (the re-temperer with each loss)
+FRONTIER_ATTACKS = (
+    "forward_kl",
+    "reverse_kl",
+    "adaptive_retemper",
+    "adaptive_blind_inverse",
+    "adaptive_retemper_reverse_kl",
+)
 # the scales a gap is read on: (student measure, floor)
 SCALES = {
     "sft": ("accuracy", "sft"),
