@@ -118,7 +118,7 @@ def test_the_attackers_best_student_against_its_best_from_raw_logits():
 
 def test_seed_sd_is_the_median_spread_of_a_gap_over_seeds():
     cells = {"no_defense": [0.3] * 5, "top_k@5": [0.3] * 5}
-    # accuracy gaps 0 on seed 0; on seed 1 the five attacks' students fall by 0, 0.02, 0.04, 0.1, 0.06
+    # accuracy gaps 0 on seed 0; on seed 1 the attacks' students fall by 0, .02, .04, .1, .06
     seed1 = {"no_defense": [0.3] * 5, "top_k@5": [0.3, 0.28, 0.26, 0.2, 0.24]}
     front = frontier([result(0, cells), result(1, seed1)])
     # gaps on seed 1: 0, 0.1, 0.2, 0.5, 0.3 (floor 0.10); sd of (0, g) = g / sqrt(2); median = 3rd
