@@ -6,8 +6,9 @@
 Each baseline family over its knob (temperature τ ∈ {1.5, 2, 3.24, 10}, top-k
 k ∈ {1, 5, 20}, noise σ ∈ {0.25, 0.5, 1, 2, 4}) and each learned transform given
 (``cmiguard@LABEL``), against forward KL, reverse KL, the blind re-temperer
-and the blind inverse, at four times the default student budget (384
-calibration articles, 128 held-out, 240 steps), students in bf16 autocast.
+(with forward and with reverse KL) and the blind inverse (``--attacks``), at
+four times the default student budget (384 calibration articles, 128
+held-out, 240 steps), students in bf16 autocast.
 x = users' log-likelihood accuracy on the held-out capital questions, y =
 gap closed under the strongest attacker against the SFT floor and the top-1
 student. Writes ``OUT/seed<S>/evaluation.*`` after every student (a rerun
@@ -24,8 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from cmiguard.attack.evaluation import EvalConfig
-from cmiguard.attack.frontier import report_frontier, run_frontier
+from cmiguard.attack.evaluation import ATTACKS, EvalConfig
+from cmiguard.attack.frontier import FRONTIER_ATTACKS, report_frontier, run_frontier
 from cmiguard.checkpoint import load_transform, vocab_fingerprint
 from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
 from cmiguard.train.models import load_teacher
@@ -58,6 +59,11 @@ def main() -> int:
     parser.add_argument("--articles", type=int, default=384)
     parser.add_argument("--heldout-articles", type=int, default=128)
     parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument(
+        "--attacks",
+        default=",".join(FRONTIER_ATTACKS),
+        help="the attacks y is the strongest of (a point needs every one on every seed)",
+    )
     parser.add_argument("--report", action="store_true", help="rewrite frontier.* only")
     parser.add_argument(
         "--report-to", type=Path, help="with --report: write frontier.* here (default --out)"
@@ -69,8 +75,14 @@ def main() -> int:
     keep = args.report_to is not None
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv if keep or a != "--report")
     seeds = [int(s) for s in args.seeds.split(",")]
+    attacks = [a for a in args.attacks.split(",") if a]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        parser.error(
+            f"--attacks: unknown {unknown or 'none given'}; choose from {', '.join(ATTACKS)}"
+        )
     if args.report:
-        report_frontier(args.out, seeds, command, args.report_to)
+        report_frontier(args.out, seeds, command, args.report_to, attacks)
         print(((args.report_to or args.out) / "frontier.md").read_text())
         return 0
     teacher, tokenizer = load_teacher()
@@ -95,6 +107,7 @@ def main() -> int:
         args.out,
         choice_questions(tokenizer, capital_choices("heldout")),
         command,
+        attacks,
     )
     print((args.out / "frontier.md").read_text())
     return 0

@@ -216,3 +216,19 @@ def test_the_plot_joins_a_runs_steps_and_never_two_runs():
     points = [{"knob": k} for k in ("lam1-step2", "cmi30", "lam1-step30", "cmi-step30")]
     runs = [[p["knob"] for p in run] for run in _cmiguard_runs(points)]
     assert runs == [["lam1-step2", "lam1-step30"], ["cmi30"], ["cmi-step30"]]
+
+
+def test_a_point_needs_every_attack_asked_for(tmp_path):
+    cells = {"no_defense": [0.3] * 5, "top_k@5": [0.3, 0.28, 0.26, 0.2, 0.24]}
+    run = result(0, cells) | {"seconds": 60.0}
+    newest = FRONTIER_ATTACKS[-1]
+    del run["attacks"][newest]["top_k@5"], run["perplexity"][newest]["top_k@5"]
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "evaluation.json").write_text(json.dumps(run))
+    # top_k@5 has not met the newest attack yet: no point until it has
+    every = report_frontier(tmp_path, [0], "test")
+    assert [p["defense"] for p in every["points"]] == ["no_defense"]
+    earlier = FRONTIER_ATTACKS[:-1]
+    some = report_frontier(tmp_path, [0], "test", tmp_path / "some", attacks=earlier)
+    assert [p["defense"] for p in some["points"]] == ["no_defense", "top_k@5"]
+    assert json.loads((tmp_path / "some" / "frontier.json").read_text())["attacks"] == list(earlier)

@@ -429,7 +429,8 @@ def _plot_plane(front: dict, reading: str, path: Path) -> None:
         ax.set_xlabel("honest users' log-likelihood accuracy (held-out capitals)")
     for ax in axes[:, 0]:
         ax.set_ylabel("gap closed (1 = distillation reduced to the floor)")
-    axes[0, 0].legend(fontsize=8)
+    if axes[0, 0].get_legend_handles_labels()[0]:  # none while only the raw point is done
+        axes[0, 0].legend(fontsize=8)
     fig.suptitle(
         f"y: {READINGS[reading]}; seeds {', '.join(front['seeds'])} (bars: sd over seeds); "
         "better defenses sit up and to the right",
@@ -480,29 +481,33 @@ def run_frontier(
     out: Path,
     choices: Sequence[ChoiceQuestion],
     command: str,
+    attacks: Sequence[str] = FRONTIER_ATTACKS,
 ) -> dict:
-    """Evaluate every defense against :data:`FRONTIER_ATTACKS`, seed after
-    seed, into ``out/seed<S>/`` (each an :func:`evaluate` run, so a rerun
-    resumes where the last stopped and may add points or seeds), and rewrite
+    """Evaluate every defense against ``attacks``, seed after seed, into
+    ``out/seed<S>/`` (each an :func:`evaluate` run, so a rerun resumes where
+    the last stopped and may add points, attacks or seeds), and rewrite
     ``out/frontier.*`` after each seed (:func:`report_frontier`)."""
     front: dict = {}
     for seed in seeds:
-        cfg = replace(
-            config, seed=seed, attacks=FRONTIER_ATTACKS, defenses=("no_defense", *defenses)
-        )
+        cfg = replace(config, seed=seed, attacks=tuple(attacks), defenses=("no_defense", *defenses))
         evaluate(teacher, transforms, calibration, heldout, pad, cfg, out / f"seed{seed}", choices)
-        front = report_frontier(out, seeds, command)
+        front = report_frontier(out, seeds, command, attacks=attacks)
     return front
 
 
 def report_frontier(
-    out: Path, seeds: Sequence[int], command: str, dest: Path | None = None
+    out: Path,
+    seeds: Sequence[int],
+    command: str,
+    dest: Path | None = None,
+    attacks: Sequence[str] = FRONTIER_ATTACKS,
 ) -> dict:
     """Rewrite ``frontier.*`` in ``dest`` (default ``out``) from the students of
     every seed in ``seeds`` run so far (a stopped seed's finished columns
-    included); a ``dest`` keeps a subset's frontier, e.g. one seed's, apart."""
+    included), a point only where it has every one of ``attacks`` on every
+    seed; a ``dest`` keeps a subset's frontier, e.g. one seed's, apart."""
     paths = [out / f"seed{s}" / "evaluation.json" for s in seeds]
     runs = [json.loads(p.read_text()) for p in paths if p.exists()]
-    front = frontier(runs)
+    front = frontier(runs, attacks)
     write_frontier(front, dest or out, command, sum(r["seconds"] for r in runs))
     return front
