@@ -8,7 +8,9 @@ logits to the torch twin, the rest to the Triton kernels. For purify (fp32
 log-probs) and a training step at rank 64, V = 49,152 and 151,936 and N from
 1 to 4,096, this times the kernels (``CMIGUARD_BACKEND=triton``), the twin
 (``=torch``) and eager torch side by side, and prints per op and V the
-smallest N·V where the kernels win, next to the threshold in force.
+smallest N·V where the kernels win, next to the threshold in force. Decode
+batches are also timed with their CUDA graphs off (``kernels_nograph_s``,
+up to 64 rows), for ``GRAPH_MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.problems import Case, implementations, make_inputs  # noqa: E402
 from bench.report import time_cpu, time_cuda  # noqa: E402
 
+# decode batches (DECODE_MAX_ROWS): timed with their graphs on and off
+DECODE_ROWS = 64
 ROWS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)  # at 8192 the kernels win (RESULTS.md)
 VOCABS = (49_152, 151_936)
 
@@ -38,6 +42,11 @@ def measure(case: Case, device: str) -> dict:
     for name, backend in (("kernels", "triton"), ("twin", "torch")):
         os.environ["CMIGUARD_BACKEND"] = backend
         row[f"{name}_s"] = timer(impls["ours"])
+    if case.op == "purify" and case.n <= DECODE_ROWS:
+        os.environ["CMIGUARD_BACKEND"] = "triton"
+        os.environ["CMIGUARD_CUDA_GRAPHS"] = "0"
+        row["kernels_nograph_s"] = timer(impls["ours"])
+        del os.environ["CMIGUARD_CUDA_GRAPHS"]
     row["eager_s"] = timer(impls["eager"])
     return row
 
@@ -76,12 +85,13 @@ def main() -> None:
         args.out.write_text(json.dumps({"rows": rows}, indent=1))
     found = crossovers(rows)
     args.out.write_text(json.dumps({"rows": rows, "crossovers": found}, indent=1))
-    print("| op | N | V | kernels ms | twin ms | eager ms | twin/kernels |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | N | V | kernels ms | twin ms | eager ms | twin/kernels | kernels, no graph ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ms = [r[f"{k}_s"] * 1e3 for k in ("kernels", "twin", "eager")]
         cells = [r["op"], str(r["n"]), str(r["v"]), *(f"{m:.3f}" for m in ms)]
-        print("| " + " | ".join(cells) + f" | {ms[1] / ms[0]:.2f}x |")
+        nograph = f"{r['kernels_nograph_s'] * 1e3:.3f}" if "kernels_nograph_s" in r else "—"
+        print("| " + " | ".join(cells) + f" | {ms[1] / ms[0]:.2f}x | {nograph} |")
     print(f"\nthreshold in force: TWIN_MAX_LOGITS = {TWIN_MAX_LOGITS:,} logits")
     for c in found:
         where = f"N >= {c['n']} ({c['logits']:,} logits)" if c["n"] else "nowhere measured"

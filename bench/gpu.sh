@@ -14,7 +14,8 @@ PY=${PY:-python3}
 } 2>&1 | tee "$OUT/device.txt"
 CMIGUARD_TEST_COMPILED=1 CMIGUARD_BACKEND=triton timeout "${TEST_S:-120}" \
   "$PY" -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py \
-  tests/test_kernels_compile.py "tests/test_cli.py::test_purify_runs_on_the_device_asked_for" \
+  tests/test_kernels_compile.py tests/test_decode_graph.py \
+  "tests/test_cli.py::test_purify_runs_on_the_device_asked_for" \
   "tests/test_trainer.py::test_training_runs_on_the_teachers_device" \
   2>&1 | tee "$OUT/tests.log"
 timeout "${REPORT_S:-170}" "$PY" bench/report.py 2>&1 | tee "$OUT/report.log"

@@ -7,7 +7,7 @@ the guard's column). ``output="logits"`` then reads the logits once more and
 writes ``T(z)/τ``; ``"logprobs"`` (and the argmax guard) first take per-chunk
 log-sum-exps (:func:`lse_kernel`), which the write pass combines itself: no
 torch op between launches. Decode batches take :mod:`cmiguard.kernels.decode`
-instead. Top-k goes through a bounded chunk of rows.
+instead, on CUDA replayed from a graph (:mod:`cmiguard.kernels.decode_graph`). Top-k goes through a bounded chunk of rows.
 """
 
 from __future__ import annotations
@@ -112,47 +112,73 @@ def project(
     z: Tensor, a: Tensor, check: bool = False, argmax: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]``, one launch
-    (:func:`project_kernel`: a split-K product whose last program per block
-    sums the parts in split order, so the result does not depend on the order
-    programs finish in). With ``check`` the same read checks the logits
+    (:func:`launch_project`). With ``check`` the same read checks the logits
     (:func:`raise_on_bad_input`); with ``argmax`` it also returns each row's
     raw argmax ``[N]`` (int64), the argmax guard's column."""
+    n, v = z.shape
+    with tickets(z.device, ticket_count(n, v, a.shape[1], z.device)) as count:
+        u, j, counts = launch_project(z, a, count, check, argmax)
+    if check:
+        raise_on_bad_input(counts)
+    return (u, j) if argmax else u
+
+
+def project_grid(n: int, v: int, r: int, device) -> tuple[int, int, int]:
+    """:func:`project_kernel`'s grid: (row blocks, vocabulary splits, rank blocks)."""
+    cfg = launch_config(n, v, r)
+    splits, _ = vocab_split(n, v, cfg, device)
+    return triton.cdiv(n, cfg.block_n), splits, triton.cdiv(r, cfg.block_r)
+
+
+def ticket_count(n: int, v: int, r: int, device) -> int:
+    """How many tickets :func:`launch_project` takes: one per (row block, rank block)."""
+    blocks, _, rank_blocks = project_grid(n, v, r, device)
+    return blocks * rank_blocks
+
+
+def launch_project(
+    z: Tensor, a: Tensor, count: Tensor, check: bool, argmax: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(u, j, counts)`` with no host sync, so a CUDA graph can hold it:
+    :func:`project_kernel` (a split-K product whose last program per block
+    sums the parts in split order, so the result does not depend on the order
+    programs finish in), taking its tickets from ``count`` (zeroed, at least
+    :func:`ticket_count` of them; the kernel leaves them zero). ``j``: each
+    row's raw argmax with ``argmax``; ``counts``: per row the NaN, ``+inf`` and
+    finite inputs ``[N, 3]`` with ``check``, for :func:`raise_on_bad_input`."""
     n, v = z.shape
     r = a.shape[1]
     cfg = launch_config(n, v, r)
     splits, chunk = vocab_split(n, v, cfg, z.device)
-    grid = (triton.cdiv(n, cfg.block_n), splits, triton.cdiv(r, cfg.block_r))
+    grid = project_grid(n, v, r, z.device)
     part = torch.empty(splits, n, r, dtype=torch.float32, device=z.device)
     u = torch.empty(n, r, dtype=torch.float32, device=z.device)
     flags = torch.empty((splits, n, 3), dtype=torch.int32, device=z.device) if check else part
     am_val = torch.empty(splits, n, dtype=torch.float32, device=z.device) if argmax else part
     am_idx = torch.empty(splits, n, dtype=torch.long, device=z.device) if argmax else part
     j = torch.empty(n, dtype=torch.long, device=z.device) if argmax else part
-    with tickets(z.device, grid[0] * grid[2]) as count:
-        project_kernel[grid](
-            z,
-            a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
-            part,
-            u,
-            flags,
-            am_val,
-            am_idx,
-            j,
-            count,
-            n,
-            v,
-            chunk,
-            splits,
-            z.stride(0),
-            r,
-            check,
-            argmax,
-            *cfg.constexprs,
-            **cfg.options,
-        )
-    if check:
-        raise_on_bad_input(flags.sum(0))
-    return (u, j) if argmax else u
+    project_kernel[grid](
+        z,
+        a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
+        part,
+        u,
+        flags,
+        am_val,
+        am_idx,
+        j,
+        count,
+        n,
+        v,
+        chunk,
+        splits,
+        z.stride(0),
+        r,
+        check,
+        argmax,
+        *cfg.constexprs,
+        **cfg.options,
+    )
+    return u, j if argmax else None, flags.sum(0) if check else None
 
 
 _TICKETS: dict[tuple, Tensor] = {}
@@ -242,16 +268,24 @@ def transform_operands(
             "x": affine_logits(z, weight=params["weight"], bias=params.get("bias"))
         }
     else:
-        ops = {"x": z}
+        ops = {"x": z, **column_operands(params)}
         if params.get("a") is not None:
             projected = project(z, params["a"], check, argmax)
             ops["u"], ops["argmax"] = projected if argmax else (projected, None)
-            ops["b"] = params["b"].contiguous()  # fp32 or bf16, read in fp32
-        for key in ("scale", "bias"):
-            if params.get(key) is not None:
-                ops[key] = params[key].float().contiguous()
     if argmax and ops.get("argmax") is None:
         ops["argmax"] = z.argmax(-1).contiguous()
+    return ops
+
+
+def column_operands(params: dict[str, Tensor | None]) -> dict[str, Tensor]:
+    """A low-rank family's per-column operands: ``b`` (fp32 or bf16, read in
+    fp32), ``scale`` and ``bias`` (fp32), each contiguous, where present."""
+    ops = {}
+    if params.get("b") is not None and params.get("a") is not None:
+        ops["b"] = params["b"].contiguous()
+    for key in ("scale", "bias"):
+        if params.get(key) is not None:
+            ops[key] = params[key].float().contiguous()
     return ops
 
 
@@ -347,6 +381,12 @@ def purify_triton(
 
     def run(rows: Tensor, out: Tensor) -> None:
         decode = takes_decode_path(rows.shape[0], params, logprobs, guard)
+        if decode and rows.is_cuda:
+            from cmiguard.kernels.decode_graph import purify_decode_graphed, takes_graph
+
+            if takes_graph(rows):
+                purify_decode_graphed(rows, params, out, temperature, logprobs, guard)
+                return
         ops = transform_operands(rows, params, check=decode, argmax=guard is not None)
         if decode:
             launch_decode(ops, out, temperature, logprobs, guard)
