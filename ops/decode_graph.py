@@ -86,7 +86,8 @@ class DecodeGraph:
         if like.is_cuda:
             torch.cuda.synchronize(like.device)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: a server's other threads may use CUDA during the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.out, self.counts = self._launch()
 
     def _launch(self) -> tuple[Tensor, Tensor]:
