@@ -30,6 +30,7 @@ def run_config() -> EvalConfig:
             "adaptive_retemper",
             "adaptive_retemper_reverse_kl",
             "adaptive_blind_inverse",
+            "adaptive_blind_inverse_reverse_kl",
             "adaptive_linear",
         ),
         student_layers=1,
@@ -69,12 +70,12 @@ def test_evaluation_covers_every_attack_and_defense_reproducibly(tmp_path):
         assert list(row) == list(DEFENSES)
         assert all(0.0 <= v <= 1.0 for v in row.values())  # finite: truncation is floored
     assert set(first["fitted_temperature"]["adaptive_retemper"]) == set(DEFENSES)
-    # re-tempered then reverse KL: the re-temperer's τ, the reverse-KL loss (another student)
-    taus = first["fitted_temperature"]
-    assert taus["adaptive_retemper_reverse_kl"] == taus["adaptive_retemper"]
-    ppl = first["perplexity"]
-    for naive in ("adaptive_retemper", "reverse_kl"):
-        assert ppl["adaptive_retemper_reverse_kl"]["soften@2"] != ppl[naive]["soften@2"]
+    # each adaptive view with reverse KL: the same fit, the reverse-KL loss (another student)
+    taus, ppl = first["fitted_temperature"], first["perplexity"]
+    for view in ("adaptive_retemper", "adaptive_blind_inverse"):
+        assert taus[f"{view}_reverse_kl"] == taus[view]
+        for other in (view, "reverse_kl"):
+            assert ppl[f"{view}_reverse_kl"]["soften@2"] != ppl[other]["soften@2"]
     # the blind inverse's fitted scale is reported beside the re-temperer's τ
     assert set(first["fitted_temperature"]["adaptive_blind_inverse"]) == set(DEFENSES)
     assert list(first["likelihood_accuracy"]) == list(DEFENSES)

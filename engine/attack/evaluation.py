@@ -50,6 +50,7 @@ ATTACKS |= {
     "adaptive_retemper_reverse_kl": {"attack": "reverse_kl", "adaptive": "retemper"},
     # knows the family (a low-rank affine map), not its parameters; never sees raw logits
     "adaptive_blind_inverse": {"attack": "forward_kl", "adaptive": "blind_inverse"},
+    "adaptive_blind_inverse_reverse_kl": {"attack": "reverse_kl", "adaptive": "blind_inverse"},
     # oracle (served, raw) pairs: an upper bound on inverting, not a realistic attacker
     "adaptive_linear": {"attack": "forward_kl", "adaptive": "linear"},
 }

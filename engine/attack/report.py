@@ -118,7 +118,7 @@ def evaluation_table(results: dict) -> str:
             "summed served log-probs, as lm-evaluation-harness scores them."
         )
     for attack, taus in results.get("fitted_temperature", {}).items():
-        what = "scale" if attack == "adaptive_blind_inverse" else "τ"
+        what = "scale" if attack.startswith("adaptive_blind_inverse") else "τ"
         lines.append(
             f"{attack}: fitted {what} " + ", ".join(f"{d} {t:.2f}" for d, t in taus.items()) + "."
         )
