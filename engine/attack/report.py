@@ -231,36 +231,42 @@ def write_evaluation(results: dict, out: Path) -> None:
         1, 2, figsize=(max(8, 1.3 * len(attacks) + 4), 4.5), width_ratios=[3, 1]
     )
     width = 0.8 / len(defenses)
+    # one colour per defense in both panels, one legend beside them
+    colors = {d: plt.get_cmap("tab20")(i % 20) for i, d in enumerate(defenses)}
     values = [v for r in results["attacks"].values() for v in r.values()]
     for i, d in enumerate(defenses):
         xs = [j + (i - len(defenses) / 2 + 0.5) * width for j in range(len(attacks))]
         ys = [results["attacks"][a].get(d, float("nan")) for a in attacks]
-        ax.bar(xs, ys, width=width, label=d)
+        ax.bar(xs, ys, width=width, label=d, color=colors[d])
     ax.axhline(results["hard_label_floor"], color="k", ls="--", lw=1, label="SFT floor")
     ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set_ylabel("student next-token accuracy (held-out)")
     lo, hi = min(results["hard_label_floor"], *values), max(values)
     bottom = max(0.0, lo - 0.02)
-    ax.set_ylim(bottom, hi + 0.3 * (hi - bottom))  # headroom: the legend covers no bar
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.set_ylim(bottom, hi + 0.05 * (hi - bottom))
     ax.set_title(f"students (teacher: {results['teacher_accuracy_raw']:.3f})", fontsize=9)
     # does lower CMI mean weaker students? Means over the same attacks for every defense
     shared = [a for a in attacks if all(d in results["attacks"][a] for d in defenses)]
     for d in defenses if shared else ():
         mean = sum(results["attacks"][a][d] for a in shared) / len(shared)
         served = results["cmi"][d]
-        dot = side.scatter(served, mean, label=d)
+        side.scatter(served, mean, color=colors[d])
         if d in results.get("cmi_retempered", {}):  # hollow: what the re-temperer distils from
             back = results["cmi_retempered"][d]
-            side.scatter(back, mean, facecolors="none", edgecolors=dot.get_facecolor())
-            side.plot([served, back], [mean, mean], color=dot.get_facecolor()[0], lw=0.8)
+            side.scatter(back, mean, facecolors="none", edgecolors=[colors[d]])
+            side.plot([served, back], [mean, mean], color=colors[d], lw=0.8)
     side.axhline(results["hard_label_floor"], color="k", ls="--", lw=1)
     side.set_xlabel("CMI of the outputs (nats)\nfilled: served, hollow: re-tempered", fontsize=8)
     side.set_ylabel(f"mean student accuracy, {len(shared)} attacks", fontsize=8)
-    if shared:
-        side.legend(fontsize=7)
-    else:
+    if not shared:
         side.set_title("no attack has run against every defense yet", fontsize=7)
+    fig.legend(
+        *ax.get_legend_handles_labels(),
+        fontsize=7,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        ncol=1 + len(defenses) // 16,
+    )
     fig.tight_layout()
-    fig.savefig(out / "evaluation.png", dpi=120)
+    fig.savefig(out / "evaluation.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
