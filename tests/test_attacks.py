@@ -7,10 +7,13 @@ import torch.nn.functional as F
 from cmiguard.attack.adaptive import (
     BlindInverse,
     fit_blind_inverse,
+    fit_hidden_mass,
     fit_linear_inverse,
     floor_truncated,
+    with_hidden_mass,
 )
-from cmiguard.attack.losses import DIVERGENCES, distillation_loss, top_k_view
+from cmiguard.attack.defenses import keep_top
+from cmiguard.attack.losses import DIVERGENCES, bucket_hidden, distillation_loss, top_k_view
 from cmiguard.tempering import fit_temperature, retemper
 
 
@@ -207,19 +210,74 @@ def test_floor_truncated_keeps_shown_ratios_and_makes_every_divergence_finite():
         assert torch.isfinite(DIVERGENCES[name](got, student.log_softmax(-1))).all(), name
 
 
+def test_fit_hidden_mass_is_the_share_of_hidden_labels():
+    """On rows that hide something, the smoothed share of labels hidden; labels
+    drawn from softmax(z) make it the mean mass top-k hides."""
+    z = torch.arange(6.0).repeat(4, 1)
+    served = keep_top(z, 2).log_softmax(-1)
+    served[3] = z[3].log_softmax(-1)  # hides nothing: not counted
+    labels = torch.tensor([5, 0, -100, 0])  # one of two counted rows hides its label
+    assert fit_hidden_mass(served, labels) == pytest.approx((1 + 1) / (2 + 2))
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(6000, 40, generator=gen) * 1.5
+    labels = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
+    hidden = 1 - z.softmax(-1).topk(5, dim=-1).values.sum(-1).mean().item()
+    top5 = keep_top(z, 5).log_softmax(-1)
+    assert fit_hidden_mass(top5, labels) == pytest.approx(hidden, rel=0.05)
+
+
+def test_bucket_compares_hidden_tokens_as_one_bucket():
+    gen = torch.Generator().manual_seed(8)
+    z, s = torch.randn(3, 12, generator=gen) * 2, torch.randn(3, 12, generator=gen) * 2
+    served = keep_top(z, 4).log_softmax(-1)
+    served[2] = z[2].log_softmax(-1)  # nothing hidden
+    target = with_hidden_mass(served, 0.3)
+    torch.testing.assert_close(target[:2].exp().sum(-1), torch.full((2,), 0.7))
+    assert torch.equal(target[2], served[2])
+    log_p, log_q = bucket_hidden(target, s)
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(3))
+    torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(3))
+    shown = torch.isfinite(served[0])
+    p = torch.cat([target[0][shown].exp(), torch.tensor([0.3])])
+    q = s[0].softmax(-1)
+    q = torch.cat([q[shown], q[~shown].sum(0, keepdim=True)])
+    for name, divergence in DIVERGENCES.items():
+        got = divergence(log_p, log_q)
+        assert got[0].item() == pytest.approx(direct(name, p, q), rel=1e-4, abs=1e-6), name
+        # a row that hides nothing is compared as the plain divergence is
+        want = divergence(served[2:], s[2:].log_softmax(-1))
+        assert got[2].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7), name
+    # how the student spreads the bucket is the ground truth's business, not D's
+    moved = s.clone()
+    moved[0, ~shown] = moved[0, ~shown].flip(0)
+    assert torch.equal(
+        DIVERGENCES["forward_kl"](*bucket_hidden(target, moved))[0],
+        DIVERGENCES["forward_kl"](log_p, log_q)[0],
+    )
+    labels = torch.tensor([0, 1, 2])
+    for name in DIVERGENCES:
+        student = s.clone().requires_grad_(True)
+        distillation_loss(student, target, labels, name, bucket=True).backward()
+        assert torch.isfinite(student.grad).all(), name
+    with pytest.raises(ValueError, match="no temperature or top_k"):
+        distillation_loss(s, target, labels, bucket=True, temperature=2.0)
+
+
 def test_compiled_loss_matches_eager_across_row_counts():
     """The evaluation compiles the loss once with dynamic shapes; batches
     differ in row count and in which rows carry -100."""
     compiled = torch.compile(distillation_loss, dynamic=True)
     gen = torch.Generator().manual_seed(6)
-    for n, top_k in ((7, None), (12, None), (9, 5)):
+    for n, top_k, bucket in ((7, None, False), (12, None, False), (9, 5, False), (8, None, True)):
         s = torch.randn(n, 64, generator=gen, requires_grad=True)
         t = (torch.randn(n, 64, generator=gen) * 3).log_softmax(-1)
+        if bucket:
+            t = with_hidden_mass(keep_top(t, 6).log_softmax(-1), 0.2)
         labels = torch.randint(0, 64, (n,), generator=gen)
         labels[1] = -100
-        want = distillation_loss(s, t, labels, "gjsd", 0.5, 1.0, top_k)
+        want = distillation_loss(s, t, labels, "gjsd", 0.5, 1.0, top_k, bucket)
         (grad_want,) = torch.autograd.grad(want, s)
-        got = compiled(s, t, labels, "gjsd", 0.5, 1.0, top_k)
+        got = compiled(s, t, labels, "gjsd", 0.5, 1.0, top_k, bucket)
         (grad_got,) = torch.autograd.grad(got, s)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-7)

@@ -31,6 +31,7 @@ def run_config() -> EvalConfig:
             "adaptive_retemper_reverse_kl",
             "adaptive_blind_inverse",
             "adaptive_blind_inverse_reverse_kl",
+            "adaptive_bucket",
             "adaptive_linear",
         ),
         student_layers=1,

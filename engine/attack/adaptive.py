@@ -30,6 +30,27 @@ def floor_truncated(logprobs: Tensor, mass: float = 1e-4) -> Tensor:
     return torch.where(hidden, share.expand_as(logprobs), shown)
 
 
+def fit_hidden_mass(logprobs: Tensor, labels: Tensor) -> float:
+    """The mass an attacker gives what a truncated output hides, fitted on its
+    own labelled rows: the share of rows that hide something whose label is
+    hidden (the likelihood's maximiser, add-one smoothed so it is never 0 or 1).
+    ``floor_truncated``'s fixed 1e-4 makes a top-k student overconfident; this
+    is what the ground truth says the hidden tokens are worth."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = rows[torch.isneginf(logprobs[rows]).any(-1)]
+    hidden = int(torch.isneginf(logprobs[rows, labels[rows]]).sum())
+    return (hidden + 1) / (rows.numel() + 2)
+
+
+def with_hidden_mass(logprobs: Tensor, mass: float) -> Tensor:
+    """Truncated rows (``-inf`` outside the tokens shown) with the shown tokens
+    scaled to ``1 − mass`` and the hidden ones left at ``-inf``: the target of
+    a bucketed divergence (:func:`cmiguard.attack.losses.bucket_hidden`), which
+    gives the hidden tokens ``mass`` together and no shape of their own."""
+    some = torch.isneginf(logprobs).any(-1, keepdim=True)
+    return logprobs + torch.where(some, math.log1p(-mass), 0.0)
+
+
 def _centered(logprobs: Tensor) -> Tensor:
     """Rows floored (see ``floor_truncated``) and centred over the vocabulary:
     logits are defined up to a row constant."""

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from cmiguard.attack.adaptive import (
     fit_blind_inverse,
+    fit_hidden_mass,
     fit_linear_inverse,
     floor_truncated,
+    with_hidden_mass,
 )
 from cmiguard.attack.defenses import DEFENSES, defense_fn, describe, keep_top
 from cmiguard.attack.losses import DIVERGENCES, distillation_loss
@@ -51,6 +53,10 @@ ATTACKS |= {
     # knows the family (a low-rank affine map), not its parameters; never sees raw logits
     "adaptive_blind_inverse": {"attack": "forward_kl", "adaptive": "blind_inverse"},
     "adaptive_blind_inverse_reverse_kl": {"attack": "reverse_kl", "adaptive": "blind_inverse"},
+    # re-tempers what is shown, gives what is hidden the mass the ground truth says
+    # (not floor_truncated's 1e-4) as one bucket: top-k's strongest blind attacker
+    "adaptive_bucket": {"attack": "forward_kl", "adaptive": "bucket", "bucket": True},
+    "adaptive_bucket_reverse_kl": {"attack": "reverse_kl", "adaptive": "bucket", "bucket": True},
     # oracle (served, raw) pairs: an upper bound on inverting, not a realistic attacker
     "adaptive_linear": {"attack": "forward_kl", "adaptive": "linear"},
 }
@@ -121,7 +127,9 @@ def attacker_view(
     """What the attacker distils from: the defended log-probs after its adaptive
     step (fitted on its first ``oracle_batches`` batches) or reduced to its
     argmax (``hard_label``), truncated outputs floored so every divergence
-    stays finite. Also the fitted temperature (the blind inverse's scale)."""
+    stays finite (the bucketing attacker instead gives them its fitted hidden
+    mass, compared as one bucket). Also the fitted temperature (the blind
+    inverse's scale)."""
     if spec.get("hard_label"):
         return lambda z: floor_truncated(keep_top(defend(z), 1)), None
     fit = cached[: config.oracle_batches]
@@ -133,6 +141,9 @@ def attacker_view(
     if adaptive == "retemper":
         tau = fit_temperature(seen, labels)
         return lambda z: floor_truncated(retemper(defend(z), tau)), tau
+    if adaptive == "bucket":
+        tau, mass = fit_temperature(seen, labels), fit_hidden_mass(seen, labels)
+        return lambda z: with_hidden_mass(retemper(defend(z), tau), mass), tau
     if adaptive == "blind_inverse":
         blind = fit_blind_inverse(seen, labels, config.inverse_rank, seed=config.seed)
         return lambda z: floor_truncated(blind(defend(z))), blind.scale
@@ -176,6 +187,7 @@ def train_student(
                 config.alpha,
                 spec.get("temperature", 1.0),
                 spec.get("top_k"),
+                spec.get("bucket", False),
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

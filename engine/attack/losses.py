@@ -116,6 +116,32 @@ def top_k_view(teacher_logprobs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values - values.logsumexp(-1, keepdim=True), ids
 
 
+# a log-prob whose exp is exactly 0 in fp32 but keeps every difference finite
+_ZERO_LOG = -1e4
+
+
+def bucket_hidden(log_p: Tensor, student_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher and student over the shown tokens plus one bucket for the
+    hidden ones (``-inf`` in ``log_p``, whose shown tokens sum to ``1 − m``;
+    :func:`cmiguard.attack.adaptive.with_hidden_mass`): ``[N, V + 1]`` each,
+    the teacher's bucket ``m`` and the student's its summed probability over
+    the hidden tokens. A divergence on these constrains how much the student
+    puts on what it was not shown, not how it spreads it (the ground truth's
+    CE does that). Rows that hide nothing keep an empty bucket."""
+    hidden = torch.isneginf(log_p)
+    some = hidden.any(-1, keepdim=True)
+    log_q = torch.log_softmax(student_logits, dim=-1)
+    shown_mass = torch.logsumexp(log_p, dim=-1, keepdim=True).clamp(max=0.0)
+    log_m = torch.where(some, torch.log(-torch.expm1(shown_mass)), _ZERO_LOG)
+    # every row's logsumexp over a finite set, so no NaN reaches the gradient
+    in_bucket = torch.logsumexp(torch.where(hidden | ~some, log_q, _ZERO_LOG), -1, keepdim=True)
+    q_m = torch.where(some, in_bucket, _ZERO_LOG)
+    return (
+        torch.cat([log_p.masked_fill(hidden, _ZERO_LOG), log_m.clamp(min=_ZERO_LOG)], -1),
+        torch.cat([log_q.masked_fill(hidden, _ZERO_LOG), q_m], -1),
+    )
+
+
 def distillation_loss(
     student_logits: Tensor,
     teacher_logprobs: Tensor,
@@ -124,24 +150,32 @@ def distillation_loss(
     alpha: float = 0.5,
     temperature: float = 1.0,
     top_k: int | None = None,
+    bucket: bool = False,
 ) -> Tensor:
     """``(1−α)·CE(student, y) + α·D(teacher ‖ student)``, averaged over labelled rows.
 
     ``temperature`` rescales both sides before ``D`` (Hinton's ``T``, with the
     ``T²`` factor). With ``top_k`` the attacker sees only the teacher's top-k
     log-probs, renormalised, and compares the student on those ids (its
-    probabilities renormalised over them too).
+    probabilities renormalised over them too). With ``bucket`` the teacher's
+    log-probs may hide tokens (``-inf``) and ``D`` compares the hidden ones as
+    one bucket (:func:`bucket_hidden`; temperature 1, no ``top_k``).
     """
     if attack not in DIVERGENCES:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(DIVERGENCES)}")
+    if bucket and (temperature != 1.0 or top_k is not None):
+        raise ValueError("bucket compares the served tokens as served: no temperature or top_k")
     student = student_logits.float()
     sft = F.cross_entropy(student, labels, ignore_index=IGNORE_INDEX)
-    log_p = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
-    s = student / temperature
-    if top_k is not None:
-        log_p, ids = top_k_view(log_p, top_k)
-        s = s.gather(1, ids)
-    log_q = torch.log_softmax(s, dim=-1)
+    if bucket:
+        log_p, log_q = bucket_hidden(teacher_logprobs.float(), student)
+    else:
+        log_p = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
+        s = student / temperature
+        if top_k is not None:
+            log_p, ids = top_k_view(log_p, top_k)
+            s = s.gather(1, ids)
+        log_q = torch.log_softmax(s, dim=-1)
     # a weighted mean instead of boolean indexing keeps shapes static for torch.compile
     valid = (labels != IGNORE_INDEX).float()
     kd = (DIVERGENCES[attack](log_p, log_q) * valid).sum() / valid.sum() * temperature**2
