@@ -1,6 +1,6 @@
 """How much of what top-k truncation hides can an attacker read off its own labels?
 
-    python experiments/hidden_mass.py        # ~3 min on 2 CPU cores
+    python experiments/hidden_mass.py        # ~5 min on 2 CPU cores
 
 A top-k defense serves the k most likely tokens renormalised, so the mass
 the teacher put on every other token is gone. The frontier's attackers
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cmiguard.attack.adaptive import fit_hidden_mass
 from cmiguard.attack.defenses import keep_top
-from cmiguard.attack.evaluation import EvalConfig
+from cmiguard.attack.evaluation import EvalConfig, batch_order
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.train.data import batches, text_examples, wiki_summaries
 from cmiguard.train.models import load_teacher, logits_rows
@@ -88,10 +88,8 @@ def main() -> None:
     with torch.no_grad():
         for seed in SEEDS:
             # the attacker's own rows: the first batches of the frontier's order for this seed
-            order = torch.randperm(
-                len(calibration), generator=torch.Generator().manual_seed(seed)
-            ).tolist()
             z, labels = [], []
+            order = batch_order(len(calibration), seed)
             for b in batches(calibration, config.batch_size, pad, order):
                 z.append(teacher_logits(teacher, b))
                 labels.append(b.labels)
@@ -101,7 +99,9 @@ def main() -> None:
             for k in KS:
                 served = keep_top(z, k).log_softmax(-1)
                 fits[seed, k] = (fit_hidden_mass(served, labels), fit_logistic(served, labels))
-        sums: dict = {key: [0.0, 0.0, 0.0, 0.0] for key in fits}  # floor, m, per-row m, hidden
+        floor = {k: 0.0 for k in KS}  # summed NLL with 1e-4 on the hidden tokens
+        hidden = {k: 0 for k in KS}  # held-out labels top-k hides
+        fitted = {key: [0.0, 0.0] for key in fits}  # summed NLL with the fitted m, per-row m
         raw = tokens = 0.0
         for b in batches(heldout, config.batch_size, pad):
             z = teacher_logits(teacher, b)
@@ -110,15 +110,14 @@ def main() -> None:
             tokens += int(rows.sum())
             for k in KS:
                 served = keep_top(z, k).log_softmax(-1)
-                hidden = served[rows, b.labels[rows]].isneginf().sum()
+                hidden[k] += int(served[rows, b.labels[rows]].isneginf().sum())
+                floor[k] -= float(label_nll(served, b.labels, torch.full_like(z[:, 0], 1e-4)))
                 for seed in SEEDS:
                     m, w = fits[seed, k]
-                    s = sums[seed, k]
-                    s[0] -= float(label_nll(served, b.labels, torch.full_like(z[:, 0], 1e-4)))
-                    s[1] -= float(label_nll(served, b.labels, torch.full_like(z[:, 0], m)))
+                    s = fitted[seed, k]
+                    s[0] -= float(label_nll(served, b.labels, torch.full_like(z[:, 0], m)))
                     per_row = torch.sigmoid(features(served) @ w)
-                    s[2] -= float(label_nll(served, b.labels, per_row))
-                    s[3] += int(hidden)
+                    s[1] -= float(label_nll(served, b.labels, per_row))
     result = {
         "heldout_tokens": int(tokens),
         "raw_teacher_nll": raw / tokens,
@@ -127,10 +126,10 @@ def main() -> None:
                 "k": k,
                 "seed": seed,
                 "fitted_mass": fits[seed, k][0],
-                "heldout_hidden_share": sums[seed, k][3] / tokens,
-                "nll_floor_1e-4": sums[seed, k][0] / tokens,
-                "nll_fitted_mass": sums[seed, k][1] / tokens,
-                "nll_per_row_mass": sums[seed, k][2] / tokens,
+                "heldout_hidden_share": hidden[k] / tokens,
+                "nll_floor_1e-4": floor[k] / tokens,
+                "nll_fitted_mass": fitted[seed, k][0] / tokens,
+                "nll_per_row_mass": fitted[seed, k][1] / tokens,
             }
             for k in KS
             for seed in SEEDS

@@ -103,13 +103,17 @@ class CachedBatch:
     teacher_logits: Tensor  # [N, V] bf16
 
 
+def batch_order(n: int, seed: int) -> list[int]:
+    """The order a seed's students see the ``n`` calibration examples in; the
+    adaptive attackers fit on its first ``oracle_batches`` batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def cache_teacher(
     teacher: nn.Module, examples: Sequence[Example], pad: int, config: EvalConfig
 ) -> list[CachedBatch]:
     """The teacher's logits for every training batch, once (bf16 to halve memory)."""
-    order = torch.randperm(
-        len(examples), generator=torch.Generator().manual_seed(config.seed)
-    ).tolist()
+    order = batch_order(len(examples), config.seed)
     out = []
     with torch.no_grad():
         for b in tqdm(
