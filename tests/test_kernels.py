@@ -252,6 +252,27 @@ def test_backend_selection(monkeypatch):
         backend(cpu)
 
 
+def test_a_broken_interpreter_stops_the_run_with_its_reason(monkeypatch):
+    """Triton 3.6's interpreter with NumPy >= 2.4 (the GPU image's pair) fails
+    every loop; the run stops at once and says so, instead of 100 failures."""
+    import numpy
+    import triton
+
+    from tests import conftest
+
+    assert conftest.interpreter_fault("3.7.0", "2.5.2") is None
+    assert conftest.interpreter_fault("3.6.0", "2.3.5") is None
+    fault = conftest.interpreter_fault("3.6.0", "2.4.0")
+    assert "triton 3.6.0" in fault and "numpy 2.4.0" in fault and "#9171" in fault
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.5.2")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(pytest.UsageError, match="numpy 2.5.2"):
+        conftest.pytest_configure(None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels: no interpreter to check
+    conftest.pytest_configure(None)
+
+
 @pytest.mark.parametrize("v", [1, 7, 1000, 49_152, 151_936])
 def test_vocab_split_covers_the_vocabulary_once(v):
     cfg = launch_config(3, v, 5)
