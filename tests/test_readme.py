@@ -61,9 +61,16 @@ def test_the_readme_example_runs_as_written(tmp_path, teacher):
             except httpx.HTTPError:
                 time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        # greedy: sampled at the default temperature 1, an early end-of-text
+        # token would leave fewer than 3 tokens now and then
         reply = client.completions.create(
-            model="my-model", prompt="The parcel for order 3 left", max_tokens=3, logprobs=2
+            model="my-model",
+            prompt="The parcel for order 3 left",
+            max_tokens=3,
+            logprobs=2,
+            temperature=0,
         )
+        assert reply.choices[0].finish_reason == "length"
         assert reply.choices[0].text and len(reply.choices[0].logprobs.top_logprobs) == 3
     finally:
         os.killpg(server.pid, 15)
