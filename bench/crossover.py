@@ -1,6 +1,6 @@
 """Where the kernels start beating the torch twin on a GPU: the routing threshold.
 
-    python bench/crossover.py [--out crossover.json]    # CUDA (not yet run; gpu.sh allows 120 s)
+    python bench/crossover.py [--out crossover.json]    # CUDA (not yet run; gpu.sh allows 90 s)
     python bench/crossover.py --smoke                   # CPU wiring check (interpreter)
 
 ``cmiguard.kernels.TWIN_MAX_LOGITS`` sends CUDA inputs of at most that many
