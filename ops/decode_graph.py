@@ -5,8 +5,9 @@ At a few rows the three launches of the decode path (project, write, fix-up:
 so on CUDA each (row bucket, transform, settings) captures them once into a
 ``torch.cuda.CUDAGraph`` over static buffers and replays it. A batch of ``n``
 rows is copied into its bucket's input (the next power of two up to
-:data:`GRAPH_MAX_ROWS`), replayed, checked (one
-host sync, the same messages as the other paths) and copied out. Rows past
+:data:`GRAPH_MAX_ROWS`), replayed, copied out and checked (one host sync,
+the same messages as the other paths); a graph is out of the cache while a
+caller uses it, so concurrent callers never share its buffers. Rows past
 ``n`` keep whatever an earlier batch left: every row is computed on its own,
 and only the first ``n`` are checked and copied. The graph reads the transform's
 parameters where they lie, so an in-place update (an optimizer step) is seen
@@ -101,15 +102,18 @@ class DecodeGraph:
         launch_decode(ops, out, temperature, logprobs, guard)
         return out, counts
 
-    def __call__(self, rows: Tensor, out: Tensor) -> None:
+    def __call__(self, rows: Tensor, out: Tensor) -> Tensor:
+        """Copy in, replay, copy out: no host sync. Returns the rows' input
+        counts (a copy) for :func:`raise_on_bad_input`; once this returns, the
+        buffers may take the next batch on this stream."""
         n = rows.shape[0]
         self.z[:n].copy_(rows)
         if self.graph is not None:
             self.graph.replay()
         else:
             self.out, self.counts = self._launch()
-        raise_on_bad_input(self.counts[:n])
         out.copy_(self.out[:n])
+        return self.counts[:n].clone()
 
 
 _GRAPHS: OrderedDict[tuple, DecodeGraph] = OrderedDict()
@@ -134,10 +138,14 @@ def purify_decode_graphed(
     settings = (temperature, logprobs, guard, out.dtype)
     stream = torch.cuda.current_stream(rows.device).cuda_stream if rows.is_cuda else 0
     key = (rows.device, stream, bucket, rows.shape[1], rows.dtype, settings, tensors)
+    # out of the cache while in use: another thread may run between these
+    # launches (the GIL switches) and must not put its batch through these
+    # buffers before this one's output is copied out; it makes its own graph
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         graph = DecodeGraph(rows, params, temperature, logprobs, guard, out.dtype, bucket)
-        while len(_GRAPHS) >= MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
+    counts = graph(rows, out)
+    while len(_GRAPHS) >= MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)
     _GRAPHS[key] = graph
-    graph(rows, out)
+    raise_on_bad_input(counts)

@@ -102,6 +102,30 @@ def test_an_in_place_update_is_seen_and_a_new_tensor_is_another_graph():
     assert len(decode_graph._GRAPHS) == 2
 
 
+def test_a_graph_in_use_is_not_handed_to_another_caller(monkeypatch):
+    """Another thread may run between a caller's copy in and copy out (the GIL
+    switches): a second caller in that window gets a graph of its own, each
+    caller its own rows' output, and one graph per bucket stays cached."""
+    p = transform_params()
+    first, second = awkward_logits(3, V, seed=6), awkward_logits(3, V, seed=7)
+    launch, used, got = decode_graph.DecodeGraph._launch, [], {}
+
+    def launch_then_interleave(self):
+        result = launch(self)
+        if hasattr(self, "graph"):  # in a call (the constructor's run sets no graph yet)
+            used.append(self)
+            if len(used) == 1:
+                got["second"] = graphed(second, p)
+        return result
+
+    monkeypatch.setattr(decode_graph.DecodeGraph, "_launch", launch_then_interleave)
+    got["first"] = graphed(first, p)
+    assert len(used) == 2 and used[0] is not used[1]
+    assert torch.equal(got["first"], ungraphed(first, p))
+    assert torch.equal(got["second"], ungraphed(second, p))
+    assert list(decode_graph._GRAPHS.values()) == [used[0]]
+
+
 def test_the_cache_drops_the_least_recently_used(monkeypatch):
     monkeypatch.setattr(decode_graph, "MAX_GRAPHS", 2)
     p = transform_params()
