@@ -285,6 +285,28 @@ def test_vocab_split_covers_the_vocabulary_once(v):
     assert launch_config(3, v, 5) == cfg
 
 
+def test_the_splits_a_gpu_takes_cover_everything_once(monkeypatch):
+    """The GPU branch of the vocabulary and row splits (sized from the SM
+    count, which the interpreter never reaches), on an H100's 132 SMs: every
+    column and row in exactly one non-empty chunk, chunks whole tiles."""
+    from types import SimpleNamespace
+
+    from cmiguard.kernels import config, objective_backward
+
+    for module in (config, objective_backward):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    h100 = SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    for n in (1, 3, 16, 17, 64, 257, 1024, 8192, 65_536):
+        for v in (1, 7, 129, 1000, 49_152, 151_936, 262_144):
+            cfg = launch_config(n, v, 64)
+            splits, chunk = vocab_split(n, v, cfg, "cuda")
+            assert chunk % cfg.block_v == 0 and (splits - 1) * chunk < v <= splits * chunk
+            blocks, rows = objective_backward.row_split(n, v, cfg, "cuda")
+            assert rows % cfg.block_n == 0 and (blocks - 1) * rows < n <= blocks * rows
+    assert vocab_split(1, 151_936, launch_config(1, 151_936, 64), "cuda")[0] > 132  # fills it
+
+
 @pytest.mark.parametrize("output", ["logits", "logprobs"])
 def test_the_purify_kernels_check_the_input_as_they_write(force, output, path):
     """No validation pass on the kernel path: the write pass (decode: the
