@@ -13,6 +13,7 @@ from cmiguard.attack.adaptive import (
     with_hidden_mass,
 )
 from cmiguard.attack.defenses import keep_top
+from cmiguard.attack.evaluation import compiled_loss
 from cmiguard.attack.losses import DIVERGENCES, bucket_hidden, distillation_loss, top_k_view
 from cmiguard.tempering import fit_temperature, retemper
 
@@ -265,8 +266,9 @@ def test_bucket_compares_hidden_tokens_as_one_bucket():
 
 def test_compiled_loss_matches_eager_across_row_counts():
     """The evaluation compiles the loss once with dynamic shapes; batches
-    differ in row count and in which rows carry -100."""
-    compiled = torch.compile(distillation_loss, dynamic=True)
+    differ in row count and in which rows carry -100. (Compiled with symbolic
+    floats, torch 2.11 and 2.12 fail this on the top-k batch.)"""
+    compiled = compiled_loss()
     gen = torch.Generator().manual_seed(6)
     for n, top_k, bucket in ((7, None, False), (12, None, False), (9, 5, False), (8, None, True)):
         s = torch.randn(n, 64, generator=gen, requires_grad=True)

@@ -172,7 +172,7 @@ def train_student(
     from; ``None`` trains on the ground truth only (SFT); ``hard_labels``
     replaces the labels with the teacher's top-1 tokens (SFT on them).
     """
-    loss_fn = _compiled_loss() if config.compile_loss else distillation_loss
+    loss_fn = compiled_loss() if config.compile_loss else distillation_loss
     torch.manual_seed(config.seed)
     student = copy.deepcopy(template).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
@@ -201,8 +201,13 @@ def train_student(
 
 
 @functools.cache
-def _compiled_loss() -> Callable[..., Tensor]:
-    return torch.compile(distillation_loss, dynamic=True)
+def compiled_loss() -> Callable[..., Tensor]:
+    """:func:`distillation_loss` compiled once, shapes dynamic, its float
+    arguments (α and the temperature: two values in an evaluation) compiled in
+    as constants: symbolic, torch 2.11 and 2.12 (not 2.13) get the top-k
+    loss's gradient wrong, 70% off on a test batch."""
+    compiled = torch.compile(distillation_loss, dynamic=True)
+    return torch._dynamo.config.patch(specialize_float=True)(compiled)
 
 
 @torch.no_grad()
