@@ -108,12 +108,16 @@ class DecodeGraph:
         buffers may take the next batch on this stream."""
         n = rows.shape[0]
         self.z[:n].copy_(rows)
+        self._run()
+        out.copy_(self.out[:n])
+        return self.counts[:n].clone()
+
+    def _run(self) -> None:
+        """The launches on ``self.z``: replayed on CUDA, run afresh on CPU."""
         if self.graph is not None:
             self.graph.replay()
         else:
             self.out, self.counts = self._launch()
-        out.copy_(self.out[:n])
-        return self.counts[:n].clone()
 
 
 _GRAPHS: OrderedDict[tuple, DecodeGraph] = OrderedDict()

@@ -108,17 +108,15 @@ def test_a_graph_in_use_is_not_handed_to_another_caller(monkeypatch):
     caller its own rows' output, and one graph per bucket stays cached."""
     p = transform_params()
     first, second = awkward_logits(3, V, seed=6), awkward_logits(3, V, seed=7)
-    launch, used, got = decode_graph.DecodeGraph._launch, [], {}
+    run, used, got = decode_graph.DecodeGraph._run, [], {}
 
-    def launch_then_interleave(self):
-        result = launch(self)
-        if hasattr(self, "graph"):  # in a call (the constructor's run sets no graph yet)
-            used.append(self)
-            if len(used) == 1:
-                got["second"] = graphed(second, p)
-        return result
+    def run_then_interleave(self):
+        run(self)
+        used.append(self)
+        if len(used) == 1:
+            got["second"] = graphed(second, p)
 
-    monkeypatch.setattr(decode_graph.DecodeGraph, "_launch", launch_then_interleave)
+    monkeypatch.setattr(decode_graph.DecodeGraph, "_run", run_then_interleave)
     got["first"] = graphed(first, p)
     assert len(used) == 2 and used[0] is not used[1]
     assert torch.equal(got["first"], ungraphed(first, p))
