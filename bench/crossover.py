@@ -35,9 +35,20 @@ VOCABS = (49_152, 151_936)
 
 
 def measure(case: Case, device: str) -> dict:
+    """One shape's times; a backend that fails is printed and timed as None
+    (a lease may not allow the sweep to be run again)."""
     z, labels, t = make_inputs(case, device)
     impls = implementations(case, z, labels, t)
-    timer = time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
+    clock = time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
+
+    def timer(fn) -> float | None:
+        try:
+            return clock(fn)
+        except Exception as error:
+            backend = os.environ.get("CMIGUARD_BACKEND")
+            print(f"{case.op} N={case.n} V={case.v} {backend}: {type(error).__name__}: {error}")
+            return None
+
     row = {"op": case.op, "n": case.n, "v": case.v}
     for name, backend in (("kernels", "triton"), ("twin", "torch")):
         os.environ["CMIGUARD_BACKEND"] = backend
@@ -57,7 +68,9 @@ def crossovers(rows: list[dict]) -> list[dict]:
     for op in dict.fromkeys(r["op"] for r in rows):
         for v in dict.fromkeys(r["v"] for r in rows):
             sel = sorted((r for r in rows if (r["op"], r["v"]) == (op, v)), key=lambda r: r["n"])
-            wins = [r["kernels_s"] < r["twin_s"] for r in sel]
+            wins = [
+                bool(r["kernels_s"] and r["twin_s"] and r["kernels_s"] < r["twin_s"]) for r in sel
+            ]
             first = next((i for i in range(len(sel)) if all(wins[i:])), None)
             n = sel[first]["n"] if first is not None else None
             out.append({"op": op, "v": v, "n": n, "logits": n * v if n else None})
@@ -88,10 +101,11 @@ def main() -> None:
     print("| op | N | V | kernels ms | twin ms | eager ms | twin/kernels | kernels, no graph ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ms = [r[f"{k}_s"] * 1e3 for k in ("kernels", "twin", "eager")]
-        cells = [r["op"], str(r["n"]), str(r["v"]), *(f"{m:.3f}" for m in ms)]
-        nograph = f"{r['kernels_nograph_s'] * 1e3:.3f}" if "kernels_nograph_s" in r else "—"
-        print("| " + " | ".join(cells) + f" | {ms[1] / ms[0]:.2f}x | {nograph} |")
+        ms = [r[f"{k}_s"] * 1e3 if r[f"{k}_s"] else None for k in ("kernels", "twin", "eager")]
+        cells = [r["op"], str(r["n"]), str(r["v"]), *(f"{m:.3f}" if m else "failed" for m in ms)]
+        ratio = f"{ms[1] / ms[0]:.2f}x" if ms[0] and ms[1] else "—"
+        nograph = f"{r['kernels_nograph_s'] * 1e3:.3f}" if r.get("kernels_nograph_s") else "—"
+        print("| " + " | ".join(cells) + f" | {ratio} | {nograph} |")
     print(f"\nthreshold in force: TWIN_MAX_LOGITS = {TWIN_MAX_LOGITS:,} logits")
     for c in found:
         where = f"N >= {c['n']} ({c['logits']:,} logits)" if c["n"] else "nowhere measured"
