@@ -1,4 +1,4 @@
-"""Registers and spills of the kernels per tile shape, compiled for sm_90 without a GPU.
+"""Registers, spills and shared memory of the kernels per tile, compiled for sm_90 without a GPU.
 
     python bench/register_pressure.py [--block-r 64] [--out bench/register_pressure.json]
 
@@ -6,10 +6,14 @@ The ``BLOCK_N ≥ 2r`` tiling (issue 20) trades the factor tiles' traffic
 (``r / BLOCK_N`` of a B tile per z tile) against registers: a
 ``[BLOCK_N, BLOCK_V]`` fp32 tile and a ``[BLOCK_N, BLOCK_R]`` accumulator live
 in registers. A tile that spills to local memory is out before any GPU time
-is spent on it. This compiles each hot kernel at rank 64 for every tile in
-``TILES`` (the way ``tests/aot_compile.py`` does) and reads the registers per
-thread and the stack frame (spills) from the cubin with ``cuobjdump``. It
-says nothing about speed: only ``bench/tune_blocks.py`` on a GPU does.
+is spent on it, and so is one whose shared memory passes the H100's
+227 KB a block (Triton refuses to launch it). This compiles each hot kernel
+at rank 64 for every tile in ``TILES`` (the way ``tests/aot_compile.py``
+does) and reads the registers per thread and the stack frame (spills) from
+the cubin with ``cuobjdump``, and the shared memory from Triton's metadata.
+The result depends on the Triton (and its ptxas) that compiles: the JSON
+records the version. It says nothing about speed: only
+``bench/tune_blocks.py`` on a GPU does.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ from cmiguard.kernels.tile import lse_kernel, project_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 RANK = 64
-# (BLOCK_N, BLOCK_V, num_warps): today's defaults (16/32 × 128, 4 warps) first
+# the most dynamic shared memory one block may take on an H100 (sm_90)
+H100_SHARED = 232_448
+# (BLOCK_N, BLOCK_V, num_warps): today's defaults (16/32 × 128, 4 warps) first, then
+# every other tile bench/tune_blocks.py sweeps
 TILES = [
     (16, 128, 4),
     (32, 128, 4),
+    (16, 64, 4),
     (32, 128, 8),
     (64, 64, 4),
     (64, 64, 8),
@@ -47,6 +55,7 @@ TILES = [
     (128, 32, 8),
     (128, 64, 8),
     (128, 128, 8),
+    (32, 256, 8),
 ]
 FLAGS = {"R": RANK, "HAS_LOWRANK": True, "HAS_SCALE": True, "HAS_BIAS": True}
 BF16_IO = {"x_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16", "flags_ptr": "*i32"}
@@ -96,12 +105,13 @@ def resources(cubin: bytes) -> tuple[int, int]:
 
 def usage(
     kernel: tuple, block_n: int, block_v: int, warps: int, block_r: int = RANK
-) -> tuple[int, int]:
-    """``(registers per thread, stack bytes)`` of one entry of ``KERNELS`` at one tile."""
+) -> tuple[int, int, int]:
+    """``(registers per thread, stack bytes, shared bytes)`` of one entry of
+    ``KERNELS`` at one tile."""
     _, fn, consts, pointers = kernel
     tile = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_R": block_r, "DOT": "tf32x3"}
     compiled = compile_kernel(fn, {**consts, **tile}, pointers, num_warps=warps)
-    return resources(compiled.asm["cubin"])
+    return (*resources(compiled.asm["cubin"]), compiled.metadata.shared)
 
 
 def measure(block_r: int = RANK) -> list[dict]:
@@ -109,10 +119,11 @@ def measure(block_r: int = RANK) -> list[dict]:
     rows = []
     jobs = [(k, t) for k in KERNELS for t in TILES]
     for kernel, (bn, bv, warps) in tqdm(jobs, desc="compile sm_90"):
-        regs, stack = usage(kernel, bn, bv, warps, block_r)
+        regs, stack, shared = usage(kernel, bn, bv, warps, block_r)
         rows.append(
             {"kernel": kernel[0], "block_n": bn, "block_v": bv, "num_warps": warps}
-            | {"registers": regs, "stack_bytes": stack, "b_per_z_tile": RANK / bn}
+            | {"registers": regs, "stack_bytes": stack, "shared_bytes": shared}
+            | {"b_per_z_tile": RANK / bn}
         )
     return rows
 
@@ -130,7 +141,9 @@ def table(rows: list[dict]) -> str:
         for name in names:
             row = by_key[(name, bn, bv, warps)]
             stack = f", **{row['stack_bytes']} B stack**" if row["stack_bytes"] else ""
-            cells.append(f"{row['registers']}{stack}")
+            too_big = row["shared_bytes"] > H100_SHARED
+            shared = f", **{row['shared_bytes'] // 1024} KB shared: no launch**" if too_big else ""
+            cells.append(f"{row['registers']}{stack}{shared}")
         lines.append(f"| {bn} × {bv}, {warps} | {RANK / bn:.2g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -141,7 +154,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "register_pressure.json")
     args = parser.parse_args()
     rows = measure(args.block_r)
-    result = {"rank": RANK, "block_r": args.block_r, "target": "sm_90", "rows": rows}
+    result = {"rank": RANK, "block_r": args.block_r, "target": "sm_90"}
+    result |= {"triton": triton.__version__, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
     print(table(rows))
 
