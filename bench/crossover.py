@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.problems import Case, implementations, make_inputs  # noqa: E402
-from bench.report import time_cpu, time_cuda  # noqa: E402
+from bench.report import time_cpu, time_cuda, time_or_none  # noqa: E402
 
 # decode batches (DECODE_MAX_ROWS): timed with their graphs on and off
 DECODE_ROWS = 64
@@ -42,12 +42,8 @@ def measure(case: Case, device: str) -> dict:
     clock = time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
 
     def timer(fn) -> float | None:
-        try:
-            return clock(fn)
-        except Exception as error:
-            backend = os.environ.get("CMIGUARD_BACKEND")
-            print(f"{case.op} N={case.n} V={case.v} {backend}: {type(error).__name__}: {error}")
-            return None
+        backend = os.environ.get("CMIGUARD_BACKEND")
+        return time_or_none(clock, fn, f"{case.op} N={case.n} V={case.v} {backend}")
 
     row = {"op": case.op, "n": case.n, "v": case.v}
     for name, backend in (("kernels", "triton"), ("twin", "torch")):

@@ -154,8 +154,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "register_pressure.json")
     args = parser.parse_args()
     rows = measure(args.block_r)
-    result = {"rank": RANK, "block_r": args.block_r, "target": "sm_90"}
-    result |= {"triton": triton.__version__, "rows": rows}
+    result = {
+        "rank": RANK,
+        "block_r": args.block_r,
+        "target": "sm_90",
+        "triton": triton.__version__,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(result, indent=1))
     print(table(rows))
 

@@ -93,6 +93,17 @@ def time_cuda(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
 
 
+def time_or_none(timer, fn, label: str) -> float | None:
+    """``timer(fn)``, or None (printed with ``label`` and the error) if it
+    raises: in a sweep that a lease may not allow to be run again, a failure
+    (a tile past the shared memory, say) is a finding, not the end."""
+    try:
+        return timer(fn)
+    except Exception as error:  # triton's OutOfResources and kin
+        print(f"{label}: {type(error).__name__}: {error}")
+        return None
+
+
 def peak_cpu(case: Case, impl: str) -> float:
     """Peak resident bytes above the inputs, in a fresh process (see peak_memory.py)."""
     cmd = [sys.executable, "-m", "bench.peak_memory", case.op, str(case.n), str(case.v)]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.problems import Case, implementations, make_inputs, min_bytes  # noqa: E402
-from bench.report import copy_bandwidth, time_cuda  # noqa: E402
+from bench.report import copy_bandwidth, time_cuda, time_or_none  # noqa: E402
 from cmiguard.kernels.config import LaunchConfig, forced, launch_config  # noqa: E402
 from cmiguard.kernels.purify import purify_triton  # noqa: E402
 
@@ -63,14 +63,9 @@ def sweep(case: Case, bandwidth: float) -> list[dict]:
     ours = implementations(case, z, labels, t)["ours"]
     timings = []
     for name, cfg in variants:
-        # a tile that does not fit (shared memory, registers) is a finding, not the
-        # end of a sweep that a lease may not allow to be run again
-        try:
-            with forced(cfg):
-                timings.append((name, case.rank, time_cuda(ours)))
-        except Exception as error:  # triton's OutOfResources and kin
-            print(f"{case.op} N={case.n} V={case.v} {name}: {type(error).__name__}: {error}")
-            timings.append((name, case.rank, None))
+        with forced(cfg):
+            label = f"{case.op} N={case.n} V={case.v} {name}"
+            timings.append((name, case.rank, time_or_none(time_cuda, ours, label)))
     if case.op == "purify":
         scale = {"scale": torch.ones(case.v, device="cuda")}
         timings.append(
