@@ -158,14 +158,16 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     shards = [LogitsShard(p, args.key) for p in args.inputs]
-    total = sum(s.shape[0] for s in shards)
-    bar = tqdm(total=total, unit="row", desc="purify")
+    # every shard checked before any is written: a bad one late in the list costs nothing
     for shard in shards:
         if shard.shape[1] != transform.vocab_size:
             raise ValueError(
                 f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="
                 f"{transform.vocab_size}"
             )
+    total = sum(s.shape[0] for s in shards)
+    bar = tqdm(total=total, unit="row", desc="purify")
+    for shard in shards:
         target = out_dir / shard.path.name
         if args.top_k:
             # values and ids are [N, k]: small, so both are written once the shard is done
@@ -189,7 +191,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.checkpoint import atomic_directory, load_transform, vocab_fingerprint
     from cmiguard.fold import fold_into_lm_head
     from cmiguard.train.models import load_model
 
@@ -200,8 +202,6 @@ def cmd_fold(args: argparse.Namespace) -> int:
     transform = load_transform(args.transform, vocab_size=rows, vocab_fingerprint=fingerprint)
     fold_into_lm_head(model, transform)
     # written whole or not at all: a folded checkpoint half on disk would serve raw logits
-    from cmiguard.checkpoint import atomic_directory
-
     with atomic_directory(args.out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

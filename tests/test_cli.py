@@ -71,21 +71,14 @@ def test_purify_runs_on_the_device_asked_for(tmp_path, transform_file, capsys):
 
 def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     _, tpath = transform_file
+    np.save(tmp_path / "good.npy", np.zeros((3, 300), dtype=np.float32))
     np.save(tmp_path / "wrong.npy", np.zeros((3, 299), dtype=np.float32))
-    assert (
-        main(
-            [
-                "purify",
-                str(tmp_path / "wrong.npy"),
-                "--transform",
-                str(tpath),
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
-    assert "vocab 299" in capsys.readouterr().err
+    out = tmp_path / "out"
+    shards = [str(tmp_path / "good.npy"), str(tmp_path / "wrong.npy")]
+    assert main(["purify", *shards, "--transform", str(tpath), "--out", str(out)]) == 2
+    assert "wrong.npy has vocab 299" in capsys.readouterr().err
+    # every shard is checked before the first is written
+    assert not out.exists() or not any(out.iterdir())
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00")
     assert (
         main(
