@@ -13,7 +13,10 @@ combined in torch; only the ``[N, 7]`` row statistics are saved, never
 Backward (:func:`grad_kernel`): ``∂L/∂t`` from the closed form in docs/DESIGN.md
 (``g = log p − log Q``, then the softmax backward), recomputing ``p`` from
 the saved log-sum-exps; the per-column gradients (scale, bias) are reduced
-in the kernel, the low-rank ones are two thin GEMMs on ``∂L/∂t``.
+in the kernel, the low-rank ones are two thin GEMMs on ``∂L/∂t``. This is
+the general backward: the low-rank training step takes the two-pass one of
+:mod:`cmiguard.kernels.objective_backward` (no ``[N, V]`` write) whenever
+the rank fits a tile and the logits need no gradient of their own.
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ def grad_kernel(
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
+    """``∂L/∂t`` for one (row block, vocabulary chunk): written to ``grad_ptr``
+    with ``WRITE_GRAD`` (for the GEMMs of the low-rank and dense parts), its
+    column sums reduced into the scale and bias gradients by atomics."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl = row_terms(rows, row_ok, labels_ptr, group_ptr, stats_ptr, weights_ptr, inv_tau)  # fmt: skip

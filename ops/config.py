@@ -20,6 +20,8 @@ import triton
 
 
 def interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (the tests in CI),
+    where small tiles make it slow: :func:`launch_config` then takes wide ones."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -61,6 +63,9 @@ def forced(config: LaunchConfig) -> Iterator[None]:
 
 
 def launch_config(n_rows: int, vocab: int, rank: int) -> LaunchConfig:
+    """The tile for a call: the forced one (:func:`forced`, for the tests and
+    the sweep), else 16 or 32 rows × 128 columns, the rank up to 64 at a time,
+    tf32x3 dots (the IEEE dot ran 10x slower on an H100, bench/RESULTS.md)."""
     if _forced is not None:
         return _forced
     block_r = min(64, max(16, triton.next_power_of_2(max(rank, 1))))

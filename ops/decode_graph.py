@@ -45,6 +45,7 @@ GRAPH_MAX_ROWS = 16
 
 
 def graphs_enabled() -> bool:
+    """``CMIGUARD_CUDA_GRAPHS=0`` turns replay off (to compare, or to debug a launch)."""
     return os.environ.get("CMIGUARD_CUDA_GRAPHS", "1") != "0"
 
 

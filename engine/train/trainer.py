@@ -404,6 +404,7 @@ def write_log(out: Path, history: list[dict], selections: list[dict]) -> None:
 
 
 def plot_training(history: list[dict], selections: list[dict], path: Path) -> None:
+    """The training curves as a PNG, the steps the selection rule kept marked."""
     import matplotlib
 
     matplotlib.use("Agg")
