@@ -99,6 +99,25 @@ def test_chat_completions_with_top_logprobs(server):
     assert out.usage.completion_tokens == 2
 
 
+def test_chat_logprobs_bytes_are_each_tokens_utf8(server):
+    out = client(server).chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=20,
+        temperature=0,
+    )
+    content = out.choices[0].logprobs.content
+    entries = content + [t for e in content for t in e.top_logprobs]
+    for e in entries:  # U+FFFD in the text where the token holds part of a character
+        assert bytes(e.bytes).decode(errors="replace") == e.token
+    # such tokens are among these, and their bytes are not U+FFFD's
+    partial = [e for e in entries if "\ufffd" in e.token]
+    assert partial and all("\ufffd".encode() not in bytes(e.bytes) for e in partial)
+    assert b"".join(bytes(e.bytes) for e in content) == out.choices[0].message.content.encode()
+
+
 def test_stop_sequences_through_the_api(server):
     def ask(**kw):
         return client(server).completions.create(

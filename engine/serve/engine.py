@@ -29,6 +29,7 @@ from cmiguard.serve.generation import purify_padded
 from cmiguard.serve.metrics import ServerMetrics
 from cmiguard.serve.protocol import ApiError
 from cmiguard.serve.replies import Reply
+from cmiguard.serve.token_bytes import token_bytes_of
 from cmiguard.transforms import LogitTransform
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class Engine:
     ):
         self.model = model
         self.tokenizer = tokenizer
+        self.token_bytes = token_bytes_of(tokenizer)
         self.transform = transform
         self.config = config
         self.metrics = metrics or ServerMetrics()
@@ -356,8 +358,8 @@ class Engine:
     def _prompt_entries(self, job: Job, device: torch.device) -> list[dict[str, Any]]:
         """The logprobs entries of an echoed prompt: each token's served log-prob
         given the tokens before it (the first token has none, as OpenAI's)."""
-        ids, decode = job.prompt_ids, self.tokenizer.decode
-        first = {"token": decode([ids[0]]), "logprob": None, "top": None}
+        ids = job.prompt_ids
+        first = self._token(ids[0], None) | {"top": None}
         if len(ids) == 1:  # nothing before the first token to predict it from
             return [first]
         logits = self.model(torch.tensor([ids], device=device)).logits[0, :-1]
@@ -368,8 +370,7 @@ class Engine:
             values, tokens = logprobs.topk(job.top_logprobs, dim=-1)
             top = [self._top(v, t) for v, t in zip(values, tokens, strict=True)]
         return [first] + [
-            {"token": decode([t]), "logprob": lp, "top": tp}
-            for t, lp, tp in zip(ids[1:], chosen, top, strict=True)
+            self._token(t, lp) | {"top": tp} for t, lp, tp in zip(ids[1:], chosen, top, strict=True)
         ]
 
     def _put(self, job: Job, item: tuple) -> None:
@@ -386,13 +387,14 @@ class Engine:
         if job.top_logprobs:
             values, ids = capture.top[step]
             top = self._top(values[row, : job.top_logprobs], ids[row, : job.top_logprobs])
-        return {
-            "token": self.tokenizer.decode([token]),
-            "logprob": float(capture.chosen[step][row]),
-            "top": top,
-        }
+        return self._token(token, float(capture.chosen[step][row])) | {"top": top}
 
-    def _top(self, values: Tensor, ids: Tensor) -> list[tuple[str, float]]:
-        """One row's top log-probs as (token text, log-prob) pairs."""
-        decode = self.tokenizer.decode
-        return [(decode([t]), v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    def _top(self, values: Tensor, ids: Tensor) -> list[dict[str, Any]]:
+        """One row's top log-probs, each as :meth:`_token` gives it."""
+        return [self._token(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+    def _token(self, token: int, logprob: float | None) -> dict[str, Any]:
+        """A token's text (which is U+FFFD for part of a character), its UTF-8
+        bytes (which are not) and its served log-prob."""
+        text = self.tokenizer.decode([token])
+        return {"token": text, "bytes": self.token_bytes(token), "logprob": logprob}

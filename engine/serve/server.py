@@ -319,7 +319,10 @@ def create_app(
                 logprobs = {
                     "tokens": [e["token"] for e in entries],
                     "token_logprobs": [e["logprob"] for e in entries],
-                    "top_logprobs": [None if e["top"] is None else dict(e["top"]) for e in entries],
+                    "top_logprobs": [
+                        None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+                        for e in entries
+                    ],
                     "text_offset": starts,
                 }
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -418,13 +421,13 @@ def _event(data: dict[str, Any]) -> str:
 
 
 def _chat_entry(e: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's chat logprobs entry: ``bytes`` rebuild a character split
+    across tokens, which each token's text shows as U+FFFD."""
     return {
         "token": e["token"],
         "logprob": e["logprob"],
-        "bytes": list(e["token"].encode()),
-        "top_logprobs": [
-            {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e["top"]
-        ],
+        "bytes": e["bytes"],
+        "top_logprobs": e["top"],
     }
 
 
