@@ -191,10 +191,16 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from cmiguard.checkpoint import atomic_directory, load_transform, vocab_fingerprint
+    from cmiguard.checkpoint import (
+        atomic_directory,
+        load_transform,
+        read_metadata,
+        vocab_fingerprint,
+    )
     from cmiguard.fold import fold_into_lm_head
     from cmiguard.train.models import load_model
 
+    read_metadata(args.transform)  # a wrong path or a corrupt file fails before the model loads
     model, tokenizer = load_model(args.model, args.dtype, need_tokenizer=False)
     rows = model.get_output_embeddings().weight.shape[0]
     # without a tokenizer only the vocabulary size can be checked
@@ -234,7 +240,7 @@ def serve_app(args: argparse.Namespace) -> Any:
     import math
     import os
 
-    from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.checkpoint import load_transform, read_metadata, vocab_fingerprint
     from cmiguard.serve.server import ServerConfig, create_app
     from cmiguard.train.models import load_model
 
@@ -254,6 +260,8 @@ def serve_app(args: argparse.Namespace) -> Any:
         timeout_s=args.timeout,
         echo=args.echo,
     )
+    if args.transform:
+        read_metadata(args.transform)
     model, tokenizer = load_model(args.model, args.dtype, device)
     transform = None
     if args.transform:

@@ -253,3 +253,17 @@ def test_serve_app_from_the_command_line(tmp_path, teacher):
     with TestClient(serve_app(build_parser().parse_args([*argv, "--no-echo"]))) as http:
         assert http.post("/v1/completions", json=body).status_code == 400
     assert main(["serve", "--unprotected", "--temperature", "2"]) == 2
+
+
+def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):
+    """A provider's model can take minutes to load: a wrong transform is named first."""
+    bad = tmp_path / "t.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00")
+    model = str(tmp_path / "no-model")  # would fail too, later
+    for command in (["fold", "--out", str(tmp_path / "folded")], ["serve"]):
+        assert main([*command, "--model", model, "--transform", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "truncated or corrupt" in err and "no-model" not in err, command
+    gone = str(tmp_path / "gone.safetensors")
+    assert main(["fold", "--model", model, "--transform", gone, "--out", str(tmp_path / "f")]) == 2
+    assert "transform file not found" in capsys.readouterr().err
