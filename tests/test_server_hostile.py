@@ -3,6 +3,7 @@ OpenAI shape, no request failing another, bodies bounded, abandoned work
 stopped, and a fuzzer that finds no 5xx."""
 
 import asyncio
+import copy
 import json
 import socket
 import threading
@@ -169,6 +170,29 @@ def test_one_token_echo_in_a_batch_fails_nobody(teacher):
                 echoed = replies[0].json()["choices"][0]
                 assert echoed["text"] == "Hello"
                 assert echoed["logprobs"]["token_logprobs"] == [None]
+
+
+def test_chat_templates_that_refuse_or_are_missing_give_a_400(teacher):
+    """A base model has no chat template, and a template may refuse messages
+    (a system role, roles that do not alternate): the client is told, in a 400."""
+    tokenizer = copy.deepcopy(teacher[1])
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    system = {"role": "system", "content": "Be brief."}
+    with TestClient(make_app(tokenizer), raise_server_exceptions=False) as http:
+        assert post(http, "/v1/chat/completions", CHAT).status_code == 200
+        refused = post(
+            http, "/v1/chat/completions", CHAT | {"messages": [system, *CHAT["messages"]]}
+        )
+        assert refused.status_code == 400, refused.text
+        assert "System role not supported" in refused.json()["error"]["message"]
+        tokenizer.chat_template = None
+        missing = post(http, "/v1/chat/completions", CHAT)
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "no_chat_template"
+        assert post(http, "/v1/completions", ASK).status_code == 200
 
 
 def test_a_job_that_fails_at_run_time_fails_alone(teacher, monkeypatch):

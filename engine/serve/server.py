@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2.exceptions import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from torch import nn
@@ -358,9 +359,24 @@ def create_app(
         check_length("".join(m["content"] for m in messages), "messages")
 
         def tokenize() -> list[int]:
-            prompt = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            if not getattr(tokenizer, "chat_template", None):  # a base model's tokenizer
+                raise ApiError(
+                    400,
+                    "this model has no chat template: use /v1/completions",
+                    "no_chat_template",
+                    param="messages",
+                )
+            try:  # a template may refuse messages (roles that do not alternate, a system role)
+                prompt = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except TemplateError as exc:
+                raise ApiError(
+                    400,
+                    f"the model's chat template refused these messages: {exc}",
+                    "invalid_request",
+                    param="messages",
+                ) from None
             return tokenizer.encode(prompt, add_special_tokens=False)
 
         prompt_ids = await asyncio.to_thread(tokenize)
