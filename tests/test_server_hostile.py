@@ -195,6 +195,45 @@ def test_chat_templates_that_refuse_or_are_missing_give_a_400(teacher):
         assert post(http, "/v1/completions", ASK).status_code == 200
 
 
+def test_requests_stay_within_the_models_positions(teacher):
+    """GPT-2's learned positions end at 256: a request past them is a 400, and
+    requests that each fit are not batched where a row would run past them."""
+    from cmiguard.serve.engine import Job
+
+    tokenizer = teacher[1]
+    model = tiny_model(len(tokenizer), arch="gpt2")
+    app = create_app(model, tokenizer, None, ServerConfig("tiny", api_key=KEY))
+    engine = app.state.engine
+    assert engine.context == 256
+    with TestClient(app, raise_server_exceptions=False) as http:
+        over = post(http, "/v1/completions", ASK | {"prompt": [7] * 250, "max_tokens": 7})
+        assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+        assert post(
+            http, "/v1/completions", ASK | {"prompt": [7] * 250, "max_tokens": 6}
+        ).is_success
+
+    batches = []
+    generate = engine.generate
+    engine.generate = lambda batch: batches.append(batch) or generate(batch)
+
+    async def queued_then_run() -> list:
+        loop = asyncio.get_running_loop()
+        # a long prompt with a short reply, then short prompts with long replies:
+        # each fits alone; together a row would reach position 250 + 20
+        jobs = [Job([7] * 250, 2, 0.0, 0, None, loop.create_future())]
+        jobs += [Job([7] * 5, 20, 0.0, 0, None, loop.create_future()) for _ in range(3)]
+        engine.enqueue(jobs)
+        worker = asyncio.create_task(engine.run())
+        try:
+            return await asyncio.gather(*(j.future for j in jobs))
+        finally:
+            worker.cancel()
+
+    results = asyncio.run(queued_then_run())
+    assert [r[0]["completion_tokens"] for r in results] == [2, 20, 20, 20]
+    assert [[len(j.prompt_ids) for j in b] for b in batches] == [[250], [5, 5, 5]]
+
+
 def test_a_job_that_fails_at_run_time_fails_alone(teacher, monkeypatch):
     """A batch that raises is run again a request at a time: only the request
     that raises gets the error (a 500: the server's fault, not the client's)."""

@@ -168,6 +168,17 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive number of seconds")
 
 
+def context_window(model: nn.Module) -> int | None:
+    """The most positions the model takes, prompt and reply together, when its
+    config says (learned position embeddings fail past it; RoPE degrades)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class Engine:
     """One worker that drains the queue in batches and runs ``generate``."""
 
@@ -180,6 +191,7 @@ class Engine:
         metrics: ServerMetrics | None = None,
     ):
         self.model = model
+        self.context = context_window(model)
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes_of(tokenizer)
         self.transform = transform
@@ -229,14 +241,23 @@ class Engine:
             while not self.queue.empty() and rows < self.config.max_batch:
                 job = self.queue.get_nowait()
                 fits = job.sampling() == first.sampling() and rows + job.n <= self.config.max_batch
+                fits = fits and self._within_context([*batch, job])
                 (batch if fits else rest).append(job)
                 rows += job.n if fits else 0
-            for job in rest:  # other sampling settings, or too many rows: the next round
+            for job in rest:  # other settings, too many rows or positions: the next round
                 self.queue.put_nowait(job)
             self.metrics.queue_depth.set(self.queue.qsize())
             batch = [j for j in batch if not j.abandoned.is_set()]
             if batch:
                 await self._run(batch)
+
+    def _within_context(self, batch: list[Job]) -> bool:
+        """Whether every row of the batch stays within the model's positions: a
+        row runs for the batch's longest reply, from its own prompt's end."""
+        if self.context is None:
+            return True
+        longest = max(len(j.prompt_ids) for j in batch)
+        return longest + max(j.max_tokens for j in batch) <= self.context
 
     async def _run(self, batch: list[Job]) -> None:
         """One batch; if it fails, each request alone, so only a bad one fails."""

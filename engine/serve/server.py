@@ -125,6 +125,14 @@ def create_app(
                 "max_tokens_too_large",
                 param="max_tokens",
             )
+        if engine.context is not None and len(prompt_ids) + max_tokens > engine.context:
+            raise ApiError(
+                400,
+                f"this model's context is {engine.context} tokens: the {where} has "
+                f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more",
+                "context_length_exceeded",
+                param=where,
+            )
 
     def check_length(text: str, where: str) -> None:
         """Refuse a text too long to fit before spending time tokenising it."""
