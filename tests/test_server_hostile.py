@@ -195,6 +195,16 @@ def test_chat_templates_that_refuse_or_are_missing_give_a_400(teacher):
         assert post(http, "/v1/completions", ASK).status_code == 200
 
 
+def test_token_ids_must_be_known_to_the_tokenizer_and_the_model(teacher):
+    """A model's embedding may have fewer rows than its tokenizer has ids."""
+    app = create_app(tiny_model(1000), teacher[1], None, ServerConfig("tiny", api_key=KEY))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert post(http, "/v1/completions", ASK | {"prompt": [3, 999]}).is_success
+        past = post(http, "/v1/completions", ASK | {"prompt": [3, 1000]})
+        assert_openai_error(past, 400, "prompt")
+        assert "[0, 1000)" in past.json()["error"]["message"]
+
+
 def test_requests_stay_within_the_models_positions(teacher):
     """GPT-2's learned positions end at 256: a request past them is a 400, and
     requests that each fit are not batched where a row would run past them."""

@@ -55,6 +55,8 @@ def create_app(
         engine.worker.cancel()
 
     app = FastAPI(title="cmiguard", version="0.1.0", lifespan=lifespan)
+    # ids both the tokenizer and the model's embedding know (they may differ)
+    token_ids = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
     app.state.engine = engine
 
     def observe(path: str, status: int, seconds: float) -> None:
@@ -346,10 +348,10 @@ def create_app(
             return prompt, ids
         if len(prompt) > config.max_prompt_tokens:
             check(prompt, 0)  # too long: refused before decoding it
-        if any(not 0 <= t < len(tokenizer) for t in prompt):
+        if any(not 0 <= t < token_ids for t in prompt):
             raise ApiError(
                 400,
-                f"prompt token ids must be in [0, {len(tokenizer)})",
+                f"prompt token ids must be in [0, {token_ids})",
                 "invalid_request",
                 param="prompt",
             )
