@@ -102,8 +102,12 @@ def test_bad_data_is_named(tmp_path, teacher):
         (write_jsonl(tmp_path / "once.jsonl", [{"text": "alpha beta gamma"}]), "no label occurs"),
         (tmp_path / "missing.jsonl", "no such file"),
         (tmp_path / "d.xlsx", "unknown data format"),
+        (tmp_path / "none.jsonl", "none.jsonl is empty"),
+        (tmp_path / "broken.jsonl", "could not be read as json: JSON parse error"),
     ]
     (tmp_path / "d.xlsx").write_text("x")
+    (tmp_path / "none.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text("not json\n")
     for path, words in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=words):
             load_examples(path, tokenizer, heldout=0.0)

@@ -53,10 +53,14 @@ def read_table(path: str | Path) -> Any:
             f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet, .csv or "
             "a directory written by Dataset.save_to_disk"
         )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
-        raise ValueError(f"{path} could not be read as {kind}: {exc}") from exc
+        # its own error says only that generating failed: the cause names the row
+        why = exc.__cause__ if exc.__cause__ is not None and str(exc.__cause__) else exc
+        raise ValueError(f"{path} could not be read as {kind}: {why}") from exc
 
 
 def _held_out(index: int, fraction: float, seed: int) -> bool:
