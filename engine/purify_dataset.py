@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,8 +28,12 @@ def purify_dataset(
     progress: bool = True,
 ) -> Any:
     """``dataset`` with ``column``'s rows of full-vocabulary logits replaced by
-    purified ones (``output``: ``logits`` or ``logprobs``), or with ``top_k``
-    by two columns ``{column}_top_values`` and ``{column}_top_ids``."""
+    purified ones (``output``: ``logits`` or ``logprobs``, float32), or with
+    ``top_k`` by two columns ``{column}_top_values`` and ``{column}_top_ids``.
+
+    Batches reach the transform as NumPy blocks, not Python lists (whose
+    conversion costs many times the transform itself); the result keeps the
+    dataset's format."""
     if column not in dataset.column_names:
         raise ValueError(f"the dataset has no {column!r} column (it has {dataset.column_names})")
     if output not in OUTPUTS:
@@ -36,26 +41,32 @@ def purify_dataset(
     device = next(transform.parameters()).device
     bar = tqdm(total=len(dataset), unit="row", desc="purify", disable=not progress)
 
-    def one_batch(batch: dict[str, list]) -> dict[str, list]:
-        rows = batch[column]
-        widths = {len(r) for r in rows}
+    def one_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        rows = batch[column]  # [B, V] when every row has V entries, else one array per row
+        widths = {len(r) for r in rows} if getattr(rows, "ndim", 1) != 2 else {rows.shape[1]}
         if widths != {transform.vocab_size}:
             raise ValueError(
                 f"{column!r} rows have {sorted(widths)} entries, the transform "
                 f"vocab_size={transform.vocab_size}: only full-vocabulary logits can be "
                 "purified (a stored top-k view cannot: the transform reads every logit)"
             )
-        logits = torch.tensor(rows, dtype=torch.float32, device=device)
+        logits = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
         bar.update(len(rows))
         if top_k is None:
-            return {column: purify(logits, transform, output=output).cpu().tolist()}
+            return {column: purify(logits, transform, output=output).cpu().numpy()}
         values, ids = purify(logits, transform, output=output, top_k=top_k)
         return {
-            f"{column}_top_values": values.cpu().tolist(),
-            f"{column}_top_ids": ids.cpu().tolist(),
+            f"{column}_top_values": values.cpu().numpy(),
+            f"{column}_top_ids": ids.cpu().numpy(),
         }
 
     drop = [column] if top_k is not None else None
-    out = dataset.map(one_batch, batched=True, batch_size=batch_size, remove_columns=drop)
+    blocks = dataset.with_format("numpy", columns=[column], output_all_columns=True)
+    out = blocks.map(one_batch, batched=True, batch_size=batch_size, remove_columns=drop)
     bar.close()
-    return out
+    fmt = dataset.format
+    chosen = fmt["columns"] is not None and set(fmt["columns"]) != set(dataset.column_names)
+    kept = [c for c in fmt["columns"] if c in out.column_names] if chosen else None
+    return out.with_format(
+        fmt["type"], kept, output_all_columns=fmt["output_all_columns"], **fmt["format_kwargs"]
+    )

@@ -171,9 +171,19 @@ def test_purify_dataset_matches_purify(tmp_path):
     values, ids = purify(logits, t, output="logprobs", top_k=4)
     assert torch.equal(torch.tensor(top["logits_top_ids"]), ids)
     assert "logits" not in top.column_names
+    # the dataset's format is kept: torch in, torch out; a chosen column set too
+    as_torch = purify_dataset(table.with_format("torch"), t, progress=False)
+    rows = as_torch[:]
+    assert torch.equal(rows["logits"], torch.tensor(out["logits"]))
+    assert torch.equal(rows["id"], torch.arange(7))
+    only_ids = purify_dataset(table.with_format("numpy", columns=["id"]), t, progress=False)
+    assert list(only_ids[0]) == ["id"]
     topk_only = datasets.Dataset.from_dict({"logits": [[0.0] * 5] * 2})
     with pytest.raises(ValueError, match="only full-vocabulary logits"):
         purify_dataset(topk_only, t, progress=False)
+    ragged = datasets.Dataset.from_dict({"logits": [[0.0] * 30, [0.0] * 29]})
+    with pytest.raises(ValueError, match=r"rows have \[29, 30\] entries"):
+        purify_dataset(ragged, t, progress=False)
     with pytest.raises(ValueError, match="no 'values' column"):
         purify_dataset(table, t, column="values", progress=False)
 
@@ -243,3 +253,18 @@ def test_a_transform_for_another_vocabulary_is_refused_everywhere(tmp_path, toke
     assert main([*fold, "--transform", str(tmp_path / "big.safetensors")]) == 2
     assert not (tmp_path / "f").exists()
     assert vocab_fingerprint(tokenizer) != "0123456789abcdef"
+
+
+def test_the_dataset_benchmark_runs_and_writes_its_json(tmp_path, monkeypatch, capsys):
+    from bench import purify_dataset as bench
+
+    out = tmp_path / "r.json"
+    argv = ["purify_dataset.py", "--rows", "8", "--vocab", "64", "--rank", "4", "--batch-size", "3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--repeats", "1", "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    ways = [r["way"] for r in result["results"]]
+    assert ways == ["purify (one tensor)", "purify_dataset", "map through Python lists"]
+    assert result["results"][0]["over_floor"] == 1.0 and result["rows"] == 8
+    assert all(r["rows_per_s"] > 0 for r in result["results"])
+    assert "| purify_dataset |" in capsys.readouterr().out
