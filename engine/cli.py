@@ -262,7 +262,10 @@ def serve_app(args: argparse.Namespace) -> Any:
     )
     if args.transform:
         read_metadata(args.transform)
+    template = _read_template(args.chat_template) if args.chat_template else None
     model, tokenizer = load_model(args.model, args.dtype, device)
+    if template is not None:
+        _set_chat_template(tokenizer, template, args.chat_template)
     transform = None
     if args.transform:
         rows = model.get_output_embeddings().weight.shape[0]
@@ -276,6 +279,24 @@ def serve_app(args: argparse.Namespace) -> Any:
             "no --transform: serve a folded checkpoint with --unprotected, or pass --transform"
         )
     return create_app(model, tokenizer, transform, config)
+
+
+def _read_template(path: str) -> str:
+    """A chat template file's text (read before the model loads)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--chat-template {path}: no such file")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _set_chat_template(tokenizer: Any, template: str, path: str) -> None:
+    """Use ``template`` for chat, after rendering one message with it."""
+    tokenizer.chat_template = template
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # jinja raises its own types for a broken template
+        raise ValueError(f"--chat-template {path} does not render a message: {exc}") from exc
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -489,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="echo",
         action="store_false",
         help="refuse echo=true (with logprobs it scores any text teacher-forced)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template for /v1/chat/completions, in place of the tokenizer's "
+        "(a base model has none)",
     )
     p.set_defaults(func=cmd_serve)
 

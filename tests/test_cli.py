@@ -267,3 +267,31 @@ def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):
     gone = str(tmp_path / "gone.safetensors")
     assert main(["fold", "--model", model, "--transform", gone, "--out", str(tmp_path / "f")]) == 2
     assert "transform file not found" in capsys.readouterr().err
+
+
+def test_serve_takes_a_chat_template_for_a_base_model(tmp_path, teacher, capsys):
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from cmiguard.cli import build_parser, serve_app
+    from cmiguard.train.models import tiny_model
+
+    tokenizer = copy.deepcopy(teacher[1])
+    tokenizer.chat_template = None  # a base model's tokenizer
+    tiny_model(len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "plain.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "broken.jinja").write_text("{% for m in %}")
+    argv = ["serve", "--model", str(tmp_path / "base"), "--unprotected", "--device", "cpu"]
+    chat = {"model": "smollm2-135m-cmiguard", "messages": [{"role": "user", "content": "Hi"}]}
+    for extra, status in (([], 400), (["--chat-template", str(tmp_path / "plain.jinja")], 200)):
+        with TestClient(serve_app(build_parser().parse_args([*argv, *extra]))) as http:
+            reply = http.post("/v1/chat/completions", json=chat | {"max_tokens": 1})
+        assert reply.status_code == status, reply.text
+    # the template's prompt is the message alone
+    assert reply.json()["usage"]["prompt_tokens"] == len(tokenizer.encode("Hi"))
+    assert main([*argv, "--chat-template", str(tmp_path / "broken.jinja")]) == 2
+    assert "broken.jinja does not render a message" in capsys.readouterr().err
+    assert main([*argv, "--chat-template", str(tmp_path / "gone.jinja")]) == 2
+    assert "gone.jinja: no such file" in capsys.readouterr().err
