@@ -88,29 +88,18 @@ def test_chat_completions_with_top_logprobs(server):
     out = client(server).chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "Hi"}],
-        max_tokens=2,
-        logprobs=True,
-        top_logprobs=3,
-        temperature=0,
-    )
-    content = out.choices[0].logprobs.content
-    assert len(content) == 2 and len(content[0].top_logprobs) == 3
-    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)
-    assert out.usage.completion_tokens == 2
-
-
-def test_chat_logprobs_bytes_are_each_tokens_utf8(server):
-    out = client(server).chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "Hi"}],
         max_tokens=8,
         logprobs=True,
         top_logprobs=20,
         temperature=0,
     )
     content = out.choices[0].logprobs.content
+    assert len(content) == 8 and len(content[0].top_logprobs) == 20
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)
+    assert out.usage.completion_tokens == 8
+    # bytes: each token's UTF-8, where its text is U+FFFD for part of a character
     entries = content + [t for e in content for t in e.top_logprobs]
-    for e in entries:  # U+FFFD in the text where the token holds part of a character
+    for e in entries:
         assert bytes(e.bytes).decode(errors="replace") == e.token
     # such tokens are among these, and their bytes are not U+FFFD's
     partial = [e for e in entries if "\ufffd" in e.token]
