@@ -3,7 +3,8 @@ transform itself, side by side in one run.
 
     python bench/purify_dataset.py [--rows 2048] [--vocab 49152] [--rank 64]
 
-Three ways over the same float32 rows (best of ``--repeats``): ``purify`` on
+Three ways over the same float32 rows (median of ``--repeats`` after a
+warm-up, ``bench/report.py``'s ``time_cpu``): ``purify`` on
 one tensor (the floor: no dataset), ``purify_dataset`` (NumPy blocks), and a
 ``dataset.map`` that goes through Python lists (``torch.tensor(rows)``, then
 ``.tolist()``: what ``purify_dataset`` did before 2026-12-07). Writes
@@ -15,22 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import datasets
 import torch
 
-from cmiguard import LowRankTransform, purify, purify_dataset
-
-
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import time_cpu  # noqa: E402
+from cmiguard import LowRankTransform, purify, purify_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -56,19 +50,16 @@ def main() -> None:
         rows = torch.tensor(batch["logits"], dtype=torch.float32)
         return {"logits": purify(rows, transform, output="logprobs").tolist()}
 
-    seconds = {
-        "purify (one tensor)": best_of(
-            args.repeats, lambda: purify(logits, transform, output="logprobs")
+    ways = {
+        "purify (one tensor)": lambda: purify(logits, transform, output="logprobs"),
+        "purify_dataset": lambda: purify_dataset(
+            table, transform, batch_size=args.batch_size, progress=False
         ),
-        "purify_dataset": best_of(
-            args.repeats,
-            lambda: purify_dataset(table, transform, batch_size=args.batch_size, progress=False),
-        ),
-        "map through Python lists": best_of(
-            args.repeats,
-            lambda: table.map(through_lists, batched=True, batch_size=args.batch_size),
+        "map through Python lists": lambda: table.map(
+            through_lists, batched=True, batch_size=args.batch_size
         ),
     }
+    seconds = {way: time_cpu(fn, args.repeats, min_seconds=0) for way, fn in ways.items()}
     floor = seconds["purify (one tensor)"]
     rows = [
         {"way": way, "s": s, "rows_per_s": args.rows / s, "over_floor": s / floor}
@@ -83,6 +74,7 @@ def main() -> None:
         "rank": args.rank,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "timing": "median of the repeats, after a warm-up call",
         "results": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

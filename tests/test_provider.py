@@ -266,5 +266,6 @@ def test_the_dataset_benchmark_runs_and_writes_its_json(tmp_path, monkeypatch, c
     ways = [r["way"] for r in result["results"]]
     assert ways == ["purify (one tensor)", "purify_dataset", "map through Python lists"]
     assert result["results"][0]["over_floor"] == 1.0 and result["rows"] == 8
+    assert result["repeats"] == 1 and result["timing"].startswith("median")
     assert all(r["rows_per_s"] > 0 for r in result["results"])
     assert "| purify_dataset |" in capsys.readouterr().out
