@@ -1,4 +1,4 @@
-"""The README's own-model example, run exactly as written (in a scratch
+"""The README's examples, run exactly as written. The own-model one runs (in a scratch
 folder, with the installed ``cmiguard`` on the PATH); only the server gets a
 free port, and the test asks it one question with the openai client."""
 
@@ -75,3 +75,31 @@ def test_the_readme_example_runs_as_written(tmp_path, teacher):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_the_readme_python_api_runs_as_written(tmp_path, monkeypatch):
+    """The Python API block, run as written (it loads the teacher itself);
+    then its results are checked."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- python-api -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "the README lost its python-api block"
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), ns)
+    torch, cmiguard = ns["torch"], ns["cmiguard"]
+    logits, labels, t = ns["logits"], ns["labels"], ns["t"]
+    assert ns["purified"].shape == logits.shape and ns["purified"].dtype == logits.dtype
+    torch.testing.assert_close(ns["purified"], logits)  # identity at init
+    values, ids = logits.log_softmax(-1).topk(20)
+    torch.testing.assert_close(ns["top_values"], values)
+    assert torch.equal(ns["top_ids"], ids)
+    assert len(set(labels.tolist())) < len(labels)  # " sat", " on", " the" repeat
+    assert 0 < float(ns["nats"]) < 10
+    grads = [p.grad for p in t.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
+    for mine, read in zip(t.parameters(), ns["loaded"].parameters(), strict=True):
+        assert torch.equal(mine.detach(), read)
+    with torch.no_grad():
+        folded = ns["model"](**ns["batch"]).logits[0, :-1]
+    torch.testing.assert_close(folded, cmiguard.purify(logits, ns["loaded"]), atol=1e-4, rtol=1e-4)
