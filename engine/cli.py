@@ -85,7 +85,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import vocab_fingerprint
-    from cmiguard.train.corpus import load_examples
+    from cmiguard.train.corpus import load_examples, split_validation
     from cmiguard.train.demo import DemoConfig, demo_data
     from cmiguard.train.models import load_model
     from cmiguard.train.surrogate import make_surrogate
@@ -94,8 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)  # a bad one fails before the teacher loads
     config = _config(args)
     teacher, tokenizer = load_model(args.model, args.dtype, device)
-    if args.data:  # a provider's rows: the held-out share is the selection rule's
-        examples, validation = load_examples(args.data, tokenizer, args.max_tokens, seed=args.seed)
+    if args.data:  # a provider's rows: the held-out ones stay unseen (evaluate scores on them)
+        calibration, _ = load_examples(args.data, tokenizer, args.max_tokens, seed=args.seed)
+        examples, validation = split_validation(calibration, seed=args.seed)
     else:
         data = DemoConfig(
             calibration_articles=args.articles,
@@ -123,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     last = result.history[-1] if result.history else {}
     summary = {"steps": len(result.history), "selected_step": result.selected_step, "last": last}
+    summary["examples"] = {"train": len(examples), "validation": len(validation)}
     print(json.dumps(summary))
     return 0
 
@@ -409,7 +411,9 @@ DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cud
 DATA_HELP = (
     "your rows instead of the bundled Wikipedia/geography ones: .jsonl, .json, .parquet, "
     ".csv or a saved datasets directory, with a 'text' column (next-token rows) or "
-    "'prompt' and 'answer' columns (the answer teacher-forced); an optional 'split' column"
+    "'prompt' and 'answer' columns (the answer teacher-forced); an optional 'split' column "
+    "('heldout', 'test', 'validation' or 'eval' rows are held out, else a seeded fifth); train "
+    "never sees the held-out rows and selects on a fifth of the others"
 )
 
 

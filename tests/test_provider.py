@@ -14,7 +14,7 @@ import torch
 from cmiguard import LowRankTransform, load_transform, purify, purify_dataset, vocab_fingerprint
 from cmiguard.checkpoint import from_pretrained, save_pretrained, save_transform
 from cmiguard.cli import main, serve_app
-from cmiguard.train.corpus import load_examples
+from cmiguard.train.corpus import load_examples, split_validation
 from cmiguard.train.models import load_model, teacher_gguf_dir
 from tests.conftest import trained_like
 
@@ -92,6 +92,24 @@ def test_text_and_answer_rows_in_every_format(tmp_path, teacher):
     assert e.labels == answer and e.input_ids[-len(answer) :] == answer
     assert e.positions == list(range(len(e.input_ids) - len(answer) - 1, len(e.input_ids) - 1))
     assert "<|im_start|>" in tokenizer.decode(e.input_ids)  # the chat template wraps the prompt
+
+
+def test_selection_rows_come_from_the_calibration_share(tmp_path, teacher):
+    """train --data selects on a share of the calibration rows, never on the
+    held-out rows evaluate --data scores students on."""
+    _, tokenizer = teacher
+    rows = [{"text": f"{t} ({i})"} for i, t in enumerate(TEXTS * 5)]  # 40 distinct rows
+    calibration, held_out = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer)
+    train, validation = split_validation(calibration)
+
+    def texts(examples):
+        return [tokenizer.decode(e.input_ids) for e in examples]
+
+    assert held_out and train and validation
+    assert sorted(texts(train) + texts(validation)) == sorted(texts(calibration))
+    assert not set(texts(train)) & set(texts(validation))
+    assert not set(texts(validation)) & set(texts(held_out))
+    assert 0.05 < len(validation) / len(calibration) < 0.5
 
 
 def test_bad_data_is_named(tmp_path, teacher):
@@ -199,6 +217,11 @@ def test_a_providers_model_and_data_end_to_end(tmp_path, tokenizer_and_model, ca
     assert main(train) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] > 0 and summary["selected_step"] is not None
+    # the held-out rows evaluate scores students on are not the selection rule's
+    calibration, held_out = load_examples(data, load_model(model_dir)[1], 64)
+    seen = summary["examples"]
+    assert held_out and seen["train"] > 0 and seen["validation"] > 0
+    assert seen["train"] + seen["validation"] == len(calibration)
     transform = load_transform(out / "transform.safetensors", vocab_size=700)
     evaluate = ["evaluate", "--model", model_dir, "--data", data, "--quick", "--json"]
     evaluate += ["--transform", str(out / "transform.safetensors"), "--out", str(tmp_path / "e")]
