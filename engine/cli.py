@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +28,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     from cmiguard.train.demo import default_train_config
 
     d = default_train_config()
-    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
-    p.add_argument("--family", choices=FAMILIES, default=d.family)
-    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=d.objective,
+        help="paper: the utility plus lam x the gradient cosine against a surrogate student "
+        "(the seed's); cmi: the direct CMI + CE (+ KL) objective",
+    )
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=d.family,
+        help="lowrank: z + (zA)B^T; diag_lowrank: z*d + (zA)B^T + b; dense: zW^T + b (small "
+        "vocabularies only)",
+    )
+    p.add_argument("--rank", type=int, default=d.rank, help="columns of the factors A and B")
     p.add_argument(
         "--init",
         choices=INITS,
@@ -52,29 +65,57 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         const=None,
         help="no argmax guard (a guarded transform cannot be folded into an LM head)",
     )
-    p.add_argument("--utility", choices=UTILITIES, default=d.utility)
+    p.add_argument(
+        "--utility",
+        choices=UTILITIES,
+        default=d.utility,
+        help="paper: what keeps the answers: ce (the labels), ce_correct (the labels where "
+        "the teacher is right), teacher_ce (the teacher's argmax), kl (the raw distribution)",
+    )
     p.add_argument(
         "--factor-dtype",
         choices=("bfloat16",),
         default=d.factor_dtype,
         help="the kernels read the low-rank factors in bf16 (fp32 masters are trained)",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training rows")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help="AdamW's peak rate (warm-up, then cosine to 0)"
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW's")
     p.add_argument("--warmup", type=float, default=d.warmup, help="share of steps in lr warm-up")
     p.add_argument(
         "--cos-warmup", type=int, default=d.cos_warmup, help="first steps on the utility alone"
     )
     p.add_argument("--lam", type=float, default=d.lam, help="paper: weight of the cosine")
-    p.add_argument("--lambda-cmi", type=float, default=d.lambda_cmi)
+    p.add_argument("--lambda-cmi", type=float, default=d.lambda_cmi, help="cmi: CMI weight")
     p.add_argument("--lambda-ce", type=float, default=d.lambda_ce, help="cmi: utility weight")
-    p.add_argument("--lambda-kl", type=float, default=d.lambda_kl)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--estimator", choices=("exact", "streaming"), default=d.estimator)
-    p.add_argument("--select-every", type=int, default=d.select_every)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--lambda-kl", type=float, default=d.lambda_kl, help="cmi: weight of KL(raw || purified)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="the transform serves softmax(T(z)/temperature); 1 keeps the teacher's confidence",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=("exact", "streaming"),
+        default=d.estimator,
+        help="cmi: per-label centroids of the batch (exact) or a moving average (streaming)",
+    )
+    p.add_argument(
+        "--select-every",
+        type=int,
+        default=d.select_every,
+        help="score on the validation rows every this many steps (0: each epoch's end) and "
+        "keep the best admissible transform",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="the initial transform, row order and data split"
+    )
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -94,8 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)  # a bad one fails before the teacher loads
     config = _config(args)
     teacher, tokenizer = load_model(args.model, args.dtype, device)
-    if args.data:  # a provider's rows: the held-out ones stay unseen (evaluate scores on them)
-        calibration, _ = load_examples(args.data, tokenizer, args.max_tokens, seed=args.seed)
+    if args.data:  # a provider's rows: the held-out ones stay unseen (evaluate scores on them;
+        # their split is the same for every --seed, so train's and evaluate's agree)
+        calibration, _ = load_examples(args.data, tokenizer, args.max_tokens)
         examples, validation = split_validation(calibration, seed=args.seed)
     else:
         data = DemoConfig(
@@ -329,7 +371,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     choices = []
     if args.data:  # a provider's rows: students learn on one share and are scored on the other
-        calibration, heldout = load_examples(args.data, tokenizer, 64, seed=args.seed)
+        calibration, heldout = load_examples(args.data, tokenizer, 64)  # train's split
         if not heldout:
             raise ValueError(f"{args.data}: no held-out rows to score students on")
     else:
@@ -412,8 +454,8 @@ DATA_HELP = (
     "your rows instead of the bundled Wikipedia/geography ones: .jsonl, .json, .parquet, "
     ".csv or a saved datasets directory, with a 'text' column (next-token rows) or "
     "'prompt' and 'answer' columns (the answer teacher-forced); an optional 'split' column "
-    "('heldout', 'test', 'validation' or 'eval' rows are held out, else a seeded fifth); train "
-    "never sees the held-out rows and selects on a fifth of the others"
+    "('heldout', 'test', 'validation' or 'eval' rows are held out, else a fixed hashed fifth); "
+    "train never sees the held-out rows and selects on a --seed'ed fifth of the others"
 )
 
 
@@ -424,12 +466,28 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="a local Hugging Face causal-LM directory (safetensors or one .gguf), or "
         "'teacher' (the bundled SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model's weights (bfloat16 halves the memory)",
+    )
+
+
+class _Help(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmiguard", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    with_defaults = partial(argparse.ArgumentParser, formatter_class=_Help)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=with_defaults)
 
     p = sub.add_parser("train", help="train a transform for a model (default: the bundled teacher)")
     _model_args(p)
@@ -446,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--questions", type=int, default=None, help="calibration capital questions (default: all)"
     )
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens per row (longer ones are cut)"
+    )
     p.add_argument("--surrogate-layers", type=int, default=4, help="the surrogate student's blocks")
     p.add_argument("--surrogate-steps", type=int, default=60, help="its distillation steps")
     p.add_argument(
@@ -459,26 +519,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("purify", help="purify logits shards (.safetensors or .npy), streaming")
     p.add_argument("inputs", nargs="+", help="logits shards [rows, vocab]")
-    p.add_argument("--transform", required=True)
+    p.add_argument("--transform", required=True, help="a transform file written by train")
     p.add_argument("--out", required=True, help="output folder (same file names)")
     p.add_argument("--key", default=None, help="tensor name in safetensors inputs")
-    p.add_argument("--output", choices=("logits", "logprobs"), default="logits")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--block-rows", type=int, default=1024)
+    p.add_argument(
+        "--output",
+        choices=("logits", "logprobs"),
+        default="logits",
+        help="purified logits T(z)/temperature, or their log-softmax",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="keep each row's k largest values ('values') and their token ids ('ids')",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=None, help="in place of the transform's own"
+    )
+    p.add_argument(
+        "--block-rows", type=int, default=1024, help="rows read, purified and written at a time"
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("fold", help="fold a transform into a model's LM head and save it")
     _model_args(p)
-    p.add_argument("--transform", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--transform", required=True, help="a transform file written by train (without a guard)"
+    )
+    p.add_argument("--out", required=True, help="the folded model's directory")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser(
         "export-teacher", help="write the bundled teacher as a plain Hugging Face model directory"
     )
-    p.add_argument("out")
+    p.add_argument("out", help="the directory to write")
     p.set_defaults(func=cmd_export_teacher)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server with purified logprobs")
@@ -496,17 +572,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without a transform (for a folded checkpoint, or to measure overhead)",
     )
     p.add_argument("--name", default="smollm2-135m-cmiguard", help="the model id clients ask for")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' (or set CMIGUARD_API_KEY: not visible in ps)",
     )
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument("--max-prompt-tokens", type=int, default=1024)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting; past it a 429 (queue_full)"
+    )
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts get a 400")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="the largest max_tokens a request may ask"
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
@@ -531,10 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="3 attacks x 3 defenses, small data")
     # 96 articles seen 5 times: the regime where KD measurably beats SFT (a
     # query-limited attacker); with 192 seen 2.5 times SFT matched forward KL
-    p.add_argument("--articles", type=int, default=96)
-    p.add_argument("--heldout-articles", type=int, default=32)
+    p.add_argument(
+        "--articles", type=int, default=96, help="Wikipedia summaries the students learn on"
+    )
+    p.add_argument(
+        "--heldout-articles", type=int, default=32, help="held-out summaries they are scored on"
+    )
     p.add_argument("--steps", type=int, default=60, help="training steps per student")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the students' initialisation and row order")
     p.add_argument("--attacks", default=None, help="comma-separated subset (default: all)")
     p.add_argument(
         "--defenses",
@@ -553,18 +637,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--autocast", action="store_true", help="students in bf16 autocast (faster on CPUs with it)"
     )
     p.add_argument("--out", default="runs/evaluate", help="a rerun into the same folder resumes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     _model_args(p)
-    p.add_argument("--articles", type=int, default=96)
-    p.add_argument("--heldout-articles", type=int, default=32)
+    p.add_argument("--articles", type=int, default=96, help="calibration Wikipedia summaries")
+    p.add_argument("--heldout-articles", type=int, default=32, help="held-out summaries")
     p.add_argument("--epochs", type=int, default=None, help="default: the measured best's")
     p.add_argument(
         "--questions", type=int, default=None, help="calibration capital questions (default: all)"
     )
-    p.add_argument("--surrogate-steps", type=int, default=60)
+    p.add_argument(
+        "--surrogate-steps", type=int, default=60, help="the surrogate student's distillation steps"
+    )
     p.add_argument("--out", default=None, help="also save the transform here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)

@@ -295,3 +295,21 @@ def test_serve_takes_a_chat_template_for_a_base_model(tmp_path, teacher, capsys)
     assert "broken.jinja does not render a message" in capsys.readouterr().err
     assert main([*argv, "--chat-template", str(tmp_path / "gone.jinja")]) == 2
     assert "gone.jinja: no such file" in capsys.readouterr().err
+
+
+def test_every_option_says_what_it_does_and_its_default(capsys):
+    """--help is where a newcomer looks: each option has a text, and the
+    defaults it shows are the ones the parser uses."""
+    import argparse
+
+    from cmiguard.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        silent = [a.dest for a in parser._actions if not a.help]
+        assert not silent, f"{name}: {silent}"
+    with pytest.raises(SystemExit):
+        main(["purify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "rows read, purified and written at a time (default: 1024)" in text
+    assert "in place of the transform's own" in text and "(default: None)" not in text
