@@ -1,6 +1,7 @@
 """Sweep the kernels' launch configurations on a GPU: block sizes, warps, dot precision.
 
-    python bench/tune_blocks.py [--out results.json]
+    python bench/tune_blocks.py [--out results.json]     # CUDA (gpu.sh allows 100 s)
+    python bench/tune_blocks.py --smoke                 # CPU wiring check (interpreter)
 
 For each shape, times purify (fp32 log-probs) and one training step
 (``anti_distillation_loss`` forward + backward) under every configuration in
@@ -23,9 +24,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.problems import Case, implementations, make_inputs, min_bytes  # noqa: E402
-from bench.report import copy_bandwidth, time_cuda, time_or_none  # noqa: E402
-from cmiguard.kernels.config import LaunchConfig, forced, launch_config  # noqa: E402
-from cmiguard.kernels.purify import purify_triton  # noqa: E402
+from bench.report import copy_bandwidth, time_cpu, time_cuda, time_or_none  # noqa: E402
 
 # the targets' shapes first (issue 20: N = 8192 and N = 1): a lease's time limit may
 # cut the sweep (the 2026-11-25 one never reached N = 8192)
@@ -52,9 +51,13 @@ CONFIGS = [
 ]
 
 
-def sweep(case: Case, bandwidth: float) -> list[dict]:
+def sweep(case: Case, bandwidth: float, device: str = "cuda") -> list[dict]:
     """Every configuration on one shape (plus the no-low-rank purify)."""
-    z, labels, t = make_inputs(case, "cuda")
+    from cmiguard.kernels.config import LaunchConfig, forced, launch_config
+    from cmiguard.kernels.purify import purify_triton
+
+    clock = time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
+    z, labels, t = make_inputs(case, device)
     variants = [("default", launch_config(case.n, case.v, case.rank))]
     variants += [
         (f"{bn}x{bv}{'' if br == 64 else f' r{br}'} w{w} {d}", LaunchConfig(bn, bv, br, w, d))
@@ -65,12 +68,10 @@ def sweep(case: Case, bandwidth: float) -> list[dict]:
     for name, cfg in variants:
         with forced(cfg):
             label = f"{case.op} N={case.n} V={case.v} {name}"
-            timings.append((name, case.rank, time_or_none(time_cuda, ours, label)))
+            timings.append((name, case.rank, time_or_none(clock, ours, label)))
     if case.op == "purify":
-        scale = {"scale": torch.ones(case.v, device="cuda")}
-        timings.append(
-            ("no low-rank", 0, time_cuda(lambda: purify_triton(z, scale, 1.0, "logprobs")))
-        )
+        scale = {"scale": torch.ones(case.v, device=device)}
+        timings.append(("no low-rank", 0, clock(lambda: purify_triton(z, scale, 1.0, "logprobs"))))
     base = timings[0][2]
     return [
         {
@@ -96,15 +97,27 @@ def main() -> None:
     os.environ["CMIGUARD_BACKEND"] = "triton"
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("tune_blocks.json"))
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape on CPU")
     args = parser.parse_args()
-    bandwidth = copy_bandwidth()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+        device, shapes = "cpu", [(17, 1000, 64)]
+        src = torch.randn(2**22)
+        bandwidth = 2 * src.numel() * 4 / time_cpu(lambda: src.clone(), repeats=3)
+        name = "CPU (interpreter: a wiring check, not a timing)"
+    elif torch.cuda.is_available():
+        device, shapes, bandwidth = "cuda", SHAPES, copy_bandwidth()
+        name = torch.cuda.get_device_name()
+    else:
+        raise SystemExit("needs a CUDA device (or --smoke for a CPU wiring check)")
     rows: list[dict] = []
-    work = [Case(op, n, v, r) for n, v, r in SHAPES for op in ("purify", "train")]
+    work = [Case(op, n, v, r) for n, v, r in shapes for op in ("purify", "train")]
     for case in tqdm(work, desc="shapes"):
-        rows += sweep(case, bandwidth)
+        rows += sweep(case, bandwidth, device)
         args.out.write_text(json.dumps({"copy_gbps": bandwidth / 1e9, "rows": rows}, indent=1))
-        torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:,.0f} GB/s (read + write)\n")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{name}: copy {bandwidth / 1e9:,.0f} GB/s (read + write)\n")
     print("| op | N | V | config | ms | default/this | of copy bandwidth |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
