@@ -53,10 +53,10 @@ def tiny_questions(n=6, seed=3):
     return [ChoiceQuestion(ids(3), [ids(k) for k in (1, 2, 3, 4)], i % 4) for i in range(n)]
 
 
-def run(transform, out=None, config=None):
+def run(transform, out=None, config=None, heldout_seed=9):
     teacher = tiny_model(96, seed=0)
     config = config or run_config()
-    calibration, heldout = tiny_examples(8), tiny_examples(3, seed=9)
+    calibration, heldout = tiny_examples(8), tiny_examples(3, seed=heldout_seed)
     transforms = {"cmiguard": transform}
     return evaluate(teacher, transforms, calibration, heldout, 0, config, out, tiny_questions())
 
@@ -256,6 +256,9 @@ def test_side_by_side_puts_other_runs_defenses_against_the_base_raw_students():
     assert gaps == ["| forward_kl | +0.2000 | 0.25 | 1.00 |"]
     with pytest.raises(ValueError, match="'τ = 10' comes from a run with other data"):
         side_by_side(base, {"τ = 10": (result({"soften": 0.1}, {"seed": 1}), "soften")})
+    base["rows_digest"], hot["rows_digest"] = "a1", "b2"  # as many rows, other ones
+    with pytest.raises(ValueError, match="'τ = 10' comes from a run with other data"):
+        side_by_side(base, {"τ = 10": (hot, "soften")})
 
 
 def test_seed_table_gives_each_seeds_gap_and_their_spread():
@@ -356,6 +359,8 @@ def test_resume_refuses_another_config_or_a_broken_file(tmp_path):
     run(transform, tmp_path, config)
     with pytest.raises(ValueError, match="evaluated another 'cmiguard'"):
         run(LowRankTransform(96, 4, temperature=3.0), tmp_path, config)
+    with pytest.raises(ValueError, match="a run on other calibration or held-out rows"):
+        run(transform, tmp_path, config, heldout_seed=10)  # as many rows: the counts agree
     state = tmp_path / "evaluation.json"
     state.write_text(state.read_text()[:50])
     with pytest.raises(ValueError, match="not a readable evaluation"):

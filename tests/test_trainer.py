@@ -43,6 +43,9 @@ def test_resume_reaches_the_same_transform(tmp_path, objective):
     whole = run()
     stopped = run(tmp_path, stop_after=5)
     assert len(stopped.history) == 5
+    with pytest.raises(ValueError, match="other training or validation rows"):
+        train(config, teacher, tiny_examples(seed=2), 0, surrogate, tmp_path, resume=True,
+              progress=False, validation=validation)  # fmt: skip
     resumed = run(tmp_path, resume=True)
     assert resumed.resumed_from == 5 and len(resumed.history) == len(whole.history) == 8
     assert [s["step"] for s in resumed.selections] == [0, 3, 6, 8]

@@ -35,7 +35,7 @@ from cmiguard.attack.losses import DIVERGENCES, distillation_loss
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.purify import cmi
 from cmiguard.tempering import fit_temperature, retemper
-from cmiguard.train.data import ChoiceQuestion, Example, batches, collate
+from cmiguard.train.data import ChoiceQuestion, Example, batches, collate, rows_digest
 from cmiguard.train.models import logits_rows, truncated_copy
 from cmiguard.transforms import LogitTransform
 
@@ -252,7 +252,7 @@ def evaluate(
     start = time.perf_counter()
     data = {"calibration_examples": len(calibration), "heldout_examples": len(heldout)}
     specs = {d: describe(d, transforms) for d in config.defenses}
-    results = _resume(out, config, specs, data)
+    results = _resume(out, config, specs, data, rows_digest([*calibration, *heldout]))
     results["heldout_tokens"] = sum(len(e.labels) for e in heldout)
     spent = results["seconds"]
     cached = cache_teacher(teacher, calibration, pad, config)
@@ -315,12 +315,16 @@ def _ordered(names: Sequence[str], order: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: rank.get(n, len(rank)))
 
 
-def _resume(out: Path | None, config: EvalConfig, specs: dict[str, str], data: dict) -> dict:
+def _resume(
+    out: Path | None, config: EvalConfig, specs: dict[str, str], data: dict, digest: str
+) -> dict:
     """The results so far in ``out`` (or fresh ones), refusing a folder whose
-    run had other settings or another transform under one of these names."""
+    run had other settings, other rows, or another transform under one of
+    these names."""
     fresh = {
         "seconds": 0.0,
         "config": config.key() | data,
+        "rows_digest": digest,
         "defense_specs": specs,
         "attacks": {},
         "perplexity": {},
@@ -337,6 +341,11 @@ def _resume(out: Path | None, config: EvalConfig, specs: dict[str, str], data: d
         raise ValueError(
             f"{state} holds a run with a different config ({old.get('config')} vs "
             f"{fresh['config']}); delete it or choose another output folder"
+        )
+    if old.setdefault("rows_digest", digest) != digest:  # (none before 2026-12-07)
+        raise ValueError(
+            f"{state} holds a run on other calibration or held-out rows; delete it or choose "
+            "another output folder"
         )
     known = old.setdefault("defense_specs", {})
     for name, spec in specs.items():

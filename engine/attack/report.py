@@ -131,6 +131,7 @@ def evaluation_table(results: dict) -> str:
 PER_DEFENSE = ("teacher_accuracy", "cmi", "cmi_retempered", "likelihood_accuracy")
 SHARED = (
     "config",
+    "rows_digest",
     "heldout_tokens",
     "hard_label_floor",
     "floor_perplexity",
@@ -150,7 +151,8 @@ def side_by_side(base: dict, columns: dict[str, tuple[dict, str]]) -> dict:
     out |= {k: {} for k in PER_DEFENSE}
     out["fitted_temperature"] = {}
     for name, (run, defense) in {"no_defense": (base, "no_defense"), **columns}.items():
-        if run["config"] != base["config"]:
+        digests = {r.get("rows_digest") for r in (base, run)} - {None}
+        if run["config"] != base["config"] or len(digests) > 1:
             raise ValueError(f"column {name!r} comes from a run with other data, seed or students")
         for key in ("attacks", "perplexity"):
             for attack, row in run[key].items():

@@ -36,6 +36,13 @@ class Example:
     options: list[int] = field(default_factory=list)
 
 
+def rows_digest(examples: Sequence[Example]) -> str:
+    """A short hash of the rows (ids, positions, labels, options): what a
+    resumed run checks, so it never continues on other data of the same size."""
+    fields = [(e.input_ids, e.positions, e.labels, e.kind, e.options) for e in examples]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Batch:
     """Padded sequences and the flat rows they contribute."""

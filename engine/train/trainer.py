@@ -33,7 +33,7 @@ from cmiguard.checkpoint import (
     save_transform,
 )
 from cmiguard.purify import StreamingCentroids, cmi, purify
-from cmiguard.train.data import Example
+from cmiguard.train.data import Example, rows_digest
 from cmiguard.train.metrics import scores
 from cmiguard.train.models import probe_from_residual
 from cmiguard.train.objectives import (
@@ -207,12 +207,18 @@ def train(
     start = 0
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out is not None else None
+    digest = rows_digest([*examples, *validation])
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         if state["config"] != asdict(config):
             raise ValueError(
                 f"{ckpt_path} was written with another configuration; resume needs the same "
                 f"settings (saved: {state['config']})"
+            )
+        if state.get("rows_digest", digest) != digest:  # (checkpoints before 2026-12-07 have none)
+            raise ValueError(
+                f"{ckpt_path} was written for other training or validation rows; resume "
+                "needs the same data (or choose another output folder)"
             )
         transform.load_state_dict(state["transform"])
         optimizer.load_state_dict(state["optimizer"])
@@ -231,6 +237,7 @@ def train(
             ckpt_path,
             {
                 "config": asdict(config),
+                "rows_digest": digest,
                 "step": step,
                 "transform": transform.state_dict(),
                 "optimizer": optimizer.state_dict(),
