@@ -213,7 +213,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, unit="row", desc="purify")
     for shard in shards:
         target = out_dir / shard.path.name
-        if args.top_k:
+        if args.top_k is not None:
             # values and ids are [N, k]: small, so both are written once the shard is done
             pairs = [purified(block, args.top_k) for block in shard.blocks(args.block_rows)]
             values = torch.cat([v for v, _ in pairs])
@@ -449,6 +449,22 @@ def print_table(metrics: dict[str, float]) -> None:
     print(f"total time: {metrics['seconds']:.1f} s")
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a count that must be >= 1 (0 would mean 'off' by accident)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (a temperature)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1"
 DATA_HELP = (
     "your rows instead of the bundled Wikipedia/geography ones: .jsonl, .json, .parquet, "
@@ -530,15 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--top-k",
-        type=int,
+        type=_at_least_one,
         default=None,
         help="keep each row's k largest values ('values') and their token ids ('ids')",
     )
     p.add_argument(
-        "--temperature", type=float, default=None, help="in place of the transform's own"
+        "--temperature", type=_positive, default=None, help="in place of the transform's own"
     )
     p.add_argument(
-        "--block-rows", type=int, default=1024, help="rows read, purified and written at a time"
+        "--block-rows",
+        type=_at_least_one,
+        default=1024,
+        help="rows read, purified and written at a time",
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_purify)

@@ -110,6 +110,17 @@ def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
         == 2
     )
     assert "truncated or corrupt" in capsys.readouterr().err
+    # a 0 that would read as 'off' (top-k) or fail deep inside (block rows): refused up front
+    purify = ["purify", shards[0], "--transform", str(tpath), "--out", str(out)]
+    for flag, value, says in (
+        ("--top-k", "0", "--top-k: must be >= 1, got 0"),
+        ("--block-rows", "0", "--block-rows: must be >= 1, got 0"),
+        ("--temperature", "nan", "--temperature: must be a finite number > 0, got nan"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*purify, flag, value])
+        assert says in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.teacher

@@ -524,3 +524,13 @@ def test_a_failing_batch_answers_with_an_error_streamed_or_not(teacher):
     assert whole.status_code == 500 and whole.json()["error"]["code"] == "internal_error"
     assert streamed.status_code == 200 and len(events) == 1
     assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == "internal_error"
+
+
+def test_a_server_config_that_could_not_serve_is_refused():
+    """A limit of 0 would refuse every request (or wait forever): named at start-up."""
+    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            ServerConfig("tiny", **{name: 0})
+    for name in ("timeout_s", "body_timeout_s"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds"):
+            ServerConfig("tiny", **{name: float("inf")})

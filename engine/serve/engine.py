@@ -160,7 +160,13 @@ class ServerConfig:
     echo: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_body_bytes"):
+        for name in (
+            "max_batch",
+            "max_queue",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_body_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("timeout_s", "body_timeout_s"):
