@@ -102,6 +102,14 @@ def test_bad_training_input():
         TrainConfig(utility="accuracy")
     with pytest.raises(ValueError, match="not for dense"):
         TrainConfig(family="dense", init="seed")
+    for bad in ({"epochs": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
+            TrainConfig(**bad)
+    for bad in ({"select_every": -1}, {"cos_warmup": -1}, {"checkpoint_every": 0}):
+        with pytest.raises(ValueError, match="select_every and cos_warmup must be >= 0"):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match=r"warmup is a share of the steps in \[0, 1\), got 1.5"):
+        TrainConfig(warmup=1.5)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

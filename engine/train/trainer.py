@@ -98,6 +98,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.select_every < 0 or self.cos_warmup < 0 or self.checkpoint_every < 1:
+            raise ValueError(
+                "select_every and cos_warmup must be >= 0 and checkpoint_every >= 1, got "
+                f"{self.select_every}, {self.cos_warmup} and {self.checkpoint_every}"
+            )
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         if self.family == "dense" and (self.init != "lora" or self.init_scale):
             raise ValueError("init and init_scale choose the low-rank factors: not for dense")
 
