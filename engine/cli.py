@@ -78,7 +78,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=d.factor_dtype,
         help="the kernels read the low-rank factors in bf16 (fp32 masters are trained)",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training rows")
+    p.add_argument(
+        "--epochs", type=_at_least_one, default=d.epochs, help="passes over the training rows"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument(
         "--lr", type=float, default=d.lr, help="AdamW's peak rate (warm-up, then cosine to 0)"
@@ -509,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--data", default=None, help=DATA_HELP)
     _train_args(p)
-    p.add_argument("--articles", type=int, default=96, help="calibration Wikipedia summaries")
+    p.add_argument(
+        "--articles", type=_at_least_one, default=96, help="calibration Wikipedia summaries"
+    )
     p.add_argument(
         "--validation-articles",
         type=int,
@@ -521,15 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--questions", type=int, default=None, help="calibration capital questions (default: all)"
     )
     p.add_argument(
-        "--max-tokens", type=int, default=64, help="tokens per row (longer ones are cut)"
+        "--max-tokens", type=_at_least_one, default=64, help="tokens per row (longer ones are cut)"
     )
-    p.add_argument("--surrogate-layers", type=int, default=4, help="the surrogate student's blocks")
-    p.add_argument("--surrogate-steps", type=int, default=60, help="its distillation steps")
+    p.add_argument(
+        "--surrogate-layers", type=_at_least_one, default=4, help="the surrogate student's blocks"
+    )
+    p.add_argument(
+        "--surrogate-steps", type=_at_least_one, default=60, help="its distillation steps"
+    )
     p.add_argument(
         "--out", required=True, help="folder for checkpoint.pt and transform.safetensors"
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
+    p.add_argument(
+        "--stop-after", type=_at_least_one, default=None, help="stop after this many steps"
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
 
@@ -631,12 +641,18 @@ def build_parser() -> argparse.ArgumentParser:
     # 96 articles seen 5 times: the regime where KD measurably beats SFT (a
     # query-limited attacker); with 192 seen 2.5 times SFT matched forward KL
     p.add_argument(
-        "--articles", type=int, default=96, help="Wikipedia summaries the students learn on"
+        "--articles",
+        type=_at_least_one,
+        default=96,
+        help="Wikipedia summaries the students learn on",
     )
     p.add_argument(
-        "--heldout-articles", type=int, default=32, help="held-out summaries they are scored on"
+        "--heldout-articles",
+        type=_at_least_one,
+        default=32,
+        help="held-out summaries they are scored on",
     )
-    p.add_argument("--steps", type=int, default=60, help="training steps per student")
+    p.add_argument("--steps", type=_at_least_one, default=60, help="training steps per student")
     p.add_argument("--seed", type=int, default=0, help="the students' initialisation and row order")
     p.add_argument("--attacks", default=None, help="comma-separated subset (default: all)")
     p.add_argument(
@@ -661,14 +677,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     _model_args(p)
-    p.add_argument("--articles", type=int, default=96, help="calibration Wikipedia summaries")
-    p.add_argument("--heldout-articles", type=int, default=32, help="held-out summaries")
-    p.add_argument("--epochs", type=int, default=None, help="default: the measured best's")
+    p.add_argument(
+        "--articles", type=_at_least_one, default=96, help="calibration Wikipedia summaries"
+    )
+    p.add_argument("--heldout-articles", type=_at_least_one, default=32, help="held-out summaries")
+    p.add_argument(
+        "--epochs", type=_at_least_one, default=None, help="default: the measured best's"
+    )
     p.add_argument(
         "--questions", type=int, default=None, help="calibration capital questions (default: all)"
     )
     p.add_argument(
-        "--surrogate-steps", type=int, default=60, help="the surrogate student's distillation steps"
+        "--surrogate-steps",
+        type=_at_least_one,
+        default=60,
+        help="the surrogate student's distillation steps",
     )
     p.add_argument("--out", default=None, help="also save the transform here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
