@@ -52,13 +52,24 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary directory beside ``path`` that replaces it when the block
     ends without error (and is removed when it does not): no half-written
-    directory is ever at ``path``."""
+    directory is ever at ``path``. An existing ``path`` is replaced only if
+    the new directory rewrites every file in it: a folder holding anything
+    else (a model, someone's notes) is refused and left as it was."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp
         if path.exists():
+            lost = sorted(_files(path) - _files(tmp))
+            if lost:
+                raise ValueError(
+                    f"{path} holds files the new directory would not have ({', '.join(lost[:3])}"
+                    f"{', ...' if len(lost) > 3 else ''}): nothing was written; choose a new or "
+                    "empty folder"
+                )
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -68,6 +79,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _files(directory: Path) -> set[str]:
+    return {str(f.relative_to(directory)) for f in directory.rglob("*") if not f.is_dir()}
 
 
 def _metadata(transform: LogitTransform, vocab_fingerprint: str) -> dict[str, str]:

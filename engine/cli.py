@@ -247,6 +247,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from cmiguard.train.models import load_model
 
     read_metadata(args.transform)  # a wrong path or a corrupt file fails before the model loads
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise ValueError(f"--out {args.out} is the model's own directory: choose another folder")
     model, tokenizer = load_model(args.model, args.dtype, need_tokenizer=False)
     rows = model.get_output_embeddings().weight.shape[0]
     # without a tokenizer only the vocabulary size can be checked

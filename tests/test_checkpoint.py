@@ -103,6 +103,23 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
 
 
+def test_a_directory_is_replaced_only_when_nothing_in_it_would_be_lost(tmp_path):
+    first, second = LowRankTransform(20, 2), trained_like(LowRankTransform(20, 2))
+    target = tmp_path / "t"
+    first.save_pretrained(target)
+    second.save_pretrained(target)  # the same files: a rerun replaces them
+    torch.testing.assert_close(LowRankTransform.from_pretrained(target).b, second.b)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"t holds files the new directory would not have \(notes"):
+        first.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
+    torch.testing.assert_close(LowRankTransform.from_pretrained(target).b, second.b)
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match="f exists and is not a directory"):
+        first.save_pretrained(tmp_path / "f")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "t"]  # no temporaries left
+
+
 class _Payload:
     """Stands for a pickled object a tampered checkpoint could smuggle in."""
 

@@ -330,3 +330,30 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert f"argument {argv[-2]}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_fold_never_overwrites_what_it_would_not_rewrite(tmp_path, teacher, capsys):
+    """fold into the model's own folder, or into a folder holding other files,
+    is refused and leaves it as it was; into its own last output it reruns."""
+    from cmiguard import vocab_fingerprint
+    from cmiguard.train.models import tiny_model
+
+    tokenizer = teacher[1]
+    model_dir = tmp_path / "model"
+    tiny_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    t = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(len(tokenizer), 4), t, vocab_fingerprint(tokenizer))
+    fold = ["fold", "--model", str(model_dir), "--transform", str(t), "--out"]
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    assert main([*fold, str(model_dir)]) == 2
+    assert "is the model's own directory" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main([*fold, str(mine)]) == 2
+    assert "holds files the new directory would not have (notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert main([*fold, str(tmp_path / "folded")]) == 0
+    assert main([*fold, str(tmp_path / "folded")]) == 0  # a rerun replaces its own output
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
