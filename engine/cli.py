@@ -205,7 +205,13 @@ def cmd_purify(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     shards = [LogitsShard(p, args.key) for p in args.inputs]
     # every shard checked before any is written: a bad one late in the list costs nothing
+    names = [s.path.name for s in shards]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"inputs share file names {twice}: their outputs in {out_dir} would clash")
     for shard in shards:
+        if (out_dir / shard.path.name).resolve() == shard.path.resolve():
+            raise ValueError(f"--out {out_dir} would overwrite the input {shard.path}")
         if shard.shape[1] != transform.vocab_size:
             raise ValueError(
                 f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="

@@ -110,6 +110,16 @@ def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
         == 2
     )
     assert "truncated or corrupt" in capsys.readouterr().err
+    # outputs that would overwrite an input, or each other
+    before = (tmp_path / "good.npy").read_bytes()
+    assert main(["purify", shards[0], "--transform", str(tpath), "--out", str(tmp_path)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "good.npy").read_bytes() == before
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "b" / "good.npy", np.zeros((3, 300), dtype=np.float32))
+    twice = [shards[0], str(tmp_path / "b" / "good.npy")]
+    assert main(["purify", *twice, "--transform", str(tpath), "--out", str(out)]) == 2
+    assert "inputs share file names ['good.npy']" in capsys.readouterr().err
     # a 0 that would read as 'off' (top-k) or fail deep inside (block rows): refused up front
     purify = ["purify", shards[0], "--transform", str(tpath), "--out", str(out)]
     for flag, value, says in (
