@@ -136,6 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = _device(args.device)  # a bad one fails before the teacher loads
     config = _config(args)
+    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
+        raise ValueError(
+            f"{args.out} holds a training run (checkpoint.pt): --resume continues it; to start "
+            "over, choose another --out or delete it"
+        )
     teacher, tokenizer = load_model(args.model, args.dtype, device)
     if args.data:  # a provider's rows: the held-out ones stay unseen (evaluate scores on them;
         # their split is the same for every --seed, so train's and evaluate's agree)

@@ -156,6 +156,9 @@ def test_train_resume_from_the_command_line(tmp_path, teacher):
         [*base, "--out", str(tmp_path / "a"), "--stop-after", "2"], capture_output=True, text=True
     )
     assert first.returncode == 0, first.stderr
+    again = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert again.returncode == 2  # without --resume the run is not overwritten
+    assert "holds a training run (checkpoint.pt): --resume continues it" in again.stderr
     resumed = subprocess.run(
         [*base, "--out", str(tmp_path / "a"), "--resume"], capture_output=True, text=True
     )
