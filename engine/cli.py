@@ -319,6 +319,11 @@ def serve_app(args: argparse.Namespace) -> Any:
         timeout_s=args.timeout,
         echo=args.echo,
     )
+    if bool(args.transform) == args.unprotected:
+        raise ValueError(
+            "--unprotected serves raw logits and --transform purifies them: pass one (a folded "
+            "checkpoint is served with --unprotected)"
+        )
     if args.transform:
         read_metadata(args.transform)
     template = _read_template(args.chat_template) if args.chat_template else None
@@ -333,10 +338,6 @@ def serve_app(args: argparse.Namespace) -> Any:
         ).to(device)
         if args.temperature is not None:
             transform.temperature = args.temperature
-    elif not args.unprotected:
-        raise ValueError(
-            "no --transform: serve a folded checkpoint with --unprotected, or pass --transform"
-        )
     return create_app(model, tokenizer, transform, config)
 
 

@@ -288,6 +288,11 @@ def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):
         assert main([*command, "--model", model, "--transform", str(bad)]) == 2
         err = capsys.readouterr().err
         assert "truncated or corrupt" in err and "no-model" not in err, command
+    # neither or both of --transform and --unprotected: named before the model loads
+    for extra in ([], ["--unprotected", "--transform", str(bad)]):
+        assert main(["serve", "--model", model, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "pass one (a folded checkpoint" in err and "no-model" not in err, extra
     gone = str(tmp_path / "gone.safetensors")
     assert main(["fold", "--model", model, "--transform", gone, "--out", str(tmp_path / "f")]) == 2
     assert "transform file not found" in capsys.readouterr().err
