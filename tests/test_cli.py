@@ -235,8 +235,8 @@ def test_evaluate_on_the_real_teacher_writes_the_report_and_resumes(tmp_path, te
     assert taus["cmiguard@hot"] == pytest.approx(3 * taus["no_defense"], rel=0.05)
     assert second["teacher_accuracy"]["cmiguard"] == second["teacher_accuracy_raw"]
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
-    with pytest.raises(SystemExit, match="unknown attack wasserstein"):
-        main([*argv, "--attacks", "forward_kl,wasserstein"])
+    assert main([*argv, "--attacks", "forward_kl,wasserstein"]) == 2
+    assert "cmiguard evaluate: error: unknown attack wasserstein" in capsys.readouterr().err
     assert main([*argv, "--defenses", "soften@0.5"]) == 2  # named before any student trains
     assert "the soften knob must be > 1" in capsys.readouterr().err
 
@@ -246,7 +246,8 @@ def test_serve_app_from_the_command_line(tmp_path, teacher):
     from fastapi.testclient import TestClient
 
     from cmiguard import vocab_fingerprint
-    from cmiguard.cli import build_parser, serve_app
+    from cmiguard.cli import build_parser
+    from cmiguard.cli.serve import serve_app
     from cmiguard.train.models import tiny_model
 
     tokenizer = teacher[1]
@@ -303,7 +304,8 @@ def test_serve_takes_a_chat_template_for_a_base_model(tmp_path, teacher, capsys)
 
     from fastapi.testclient import TestClient
 
-    from cmiguard.cli import build_parser, serve_app
+    from cmiguard.cli import build_parser
+    from cmiguard.cli.serve import serve_app
     from cmiguard.train.models import tiny_model
 
     tokenizer = copy.deepcopy(teacher[1])

@@ -13,7 +13,8 @@ import torch
 
 from cmiguard import LowRankTransform, load_transform, purify, purify_dataset, vocab_fingerprint
 from cmiguard.checkpoint import from_pretrained, save_pretrained, save_transform
-from cmiguard.cli import main, serve_app
+from cmiguard.cli import build_parser, main
+from cmiguard.cli.serve import serve_app
 from cmiguard.train.corpus import load_examples, split_validation
 from cmiguard.train.models import load_model, teacher_gguf_dir
 from tests.conftest import trained_like
@@ -244,7 +245,7 @@ def test_a_providers_model_and_data_end_to_end(tmp_path, tokenizer_and_model, ca
 
     import uvicorn
 
-    args = main.__globals__["build_parser"]().parse_args(
+    args = build_parser().parse_args(
         ["serve", "--model", str(folded), "--unprotected", "--name", "mine", "--device", "cpu"]
     )
     with socket.socket() as s:

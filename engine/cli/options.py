@@ -1,0 +1,77 @@
+"""What the commands share: argument types, help texts, the model and device options."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a count that must be >= 1 (0 would mean 'off' by accident)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (a temperature)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1"
+
+DATA_HELP = (
+    "your rows instead of the bundled Wikipedia/geography ones: .jsonl, .json, .parquet, "
+    ".csv or a saved datasets directory, with a 'text' column (next-token rows) or "
+    "'prompt' and 'answer' columns (the answer teacher-forced); an optional 'split' column "
+    "('heldout', 'test', 'validation' or 'eval' rows are held out, else a fixed hashed fifth); "
+    "train never sees the held-out rows and selects on a --seed'ed fifth of the others"
+)
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --dtype."""
+    p.add_argument(
+        "--model",
+        default="teacher",
+        help="a local Hugging Face causal-LM directory (safetensors or one .gguf), or "
+        "'teacher' (the bundled SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model's weights (bfloat16 halves the memory)",
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one (where the fused kernels run), else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+class Help(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text

@@ -1,0 +1,96 @@
+"""``cmiguard purify``: stored logits shards purified block by block."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cmiguard.cli.options import DEVICE_HELP, at_least_one, positive, resolve_device
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    import torch
+
+    from cmiguard.checkpoint import load_transform
+    from cmiguard.purify import purify
+    from cmiguard.shards import LogitsShard, write_streamed
+
+    device = resolve_device(args.device)
+    transform = load_transform(args.transform).to(device)
+
+    def purified(block: torch.Tensor, top_k: int | None = None):
+        out = purify(block.to(device), transform, args.temperature, args.output, top_k)
+        return tuple(t.cpu() for t in out) if top_k else out.cpu()
+
+    out_dir = Path(args.out)
+    shards = [LogitsShard(p, args.key) for p in args.inputs]
+    # every shard checked before any is written: a bad one late in the list costs nothing
+    names = [s.path.name for s in shards]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"inputs share file names {twice}: their outputs in {out_dir} would clash")
+    for shard in shards:
+        if (out_dir / shard.path.name).resolve() == shard.path.resolve():
+            raise ValueError(f"--out {out_dir} would overwrite the input {shard.path}")
+        if shard.shape[1] != transform.vocab_size:
+            raise ValueError(
+                f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="
+                f"{transform.vocab_size}"
+            )
+    total = sum(s.shape[0] for s in shards)
+    bar = tqdm(total=total, unit="row", desc="purify")
+    for shard in shards:
+        target = out_dir / shard.path.name
+        if args.top_k is not None:
+            # values and ids are [N, k]: small, so both are written once the shard is done
+            pairs = [purified(block, args.top_k) for block in shard.blocks(args.block_rows)]
+            values = torch.cat([v for v, _ in pairs])
+            ids = torch.cat([i for _, i in pairs])
+            write_streamed(
+                target,
+                tuple(values.shape),
+                values.dtype,
+                iter([values]),
+                extra={"ids": ids},
+                on_block=bar.update,
+                name="values",
+            )
+        else:
+            blocks = (purified(b) for b in shard.blocks(args.block_rows))
+            write_streamed(target, shard.shape, shard.dtype, blocks, on_block=bar.update)
+    bar.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """purify and its options."""
+    p = sub.add_parser("purify", help="purify logits shards (.safetensors or .npy), streaming")
+    p.add_argument("inputs", nargs="+", help="logits shards [rows, vocab]")
+    p.add_argument("--transform", required=True, help="a transform file written by train")
+    p.add_argument("--out", required=True, help="output folder (same file names)")
+    p.add_argument("--key", default=None, help="tensor name in safetensors inputs")
+    p.add_argument(
+        "--output",
+        choices=("logits", "logprobs"),
+        default="logits",
+        help="purified logits T(z)/temperature, or their log-softmax",
+    )
+    p.add_argument(
+        "--top-k",
+        type=at_least_one,
+        default=None,
+        help="keep each row's k largest values ('values') and their token ids ('ids')",
+    )
+    p.add_argument(
+        "--temperature", type=positive, default=None, help="in place of the transform's own"
+    )
+    p.add_argument(
+        "--block-rows",
+        type=at_least_one,
+        default=1024,
+        help="rows read, purified and written at a time",
+    )
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_purify)
