@@ -66,7 +66,9 @@ def test_the_layout_has_its_rooms():
     assert names == {"train", "purify", "fold", "serve", "evaluate", "demo"}
     assert all(callable(m.register) for m in COMMANDS)
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert list(commands) == ["train", "purify", "fold", "export-teacher", "serve", "evaluate", "demo"]
+    assert list(commands) == [
+        "train", "purify", "fold", "export-teacher", "serve", "evaluate", "demo"
+    ]  # fmt: skip
     assert len(modules()) >= 30
 
 
