@@ -153,9 +153,12 @@ def test_train_resume_from_the_command_line(tmp_path, teacher):
         "1",
     ]
     first = subprocess.run(
-        [*base, "--out", str(tmp_path / "a"), "--stop-after", "2"], capture_output=True, text=True
+        [*base, "--out", str(tmp_path / "a"), "--stop-after", "2", "--resume"],
+        capture_output=True,
+        text=True,
     )
     assert first.returncode == 0, first.stderr
+    assert f"no checkpoint in {tmp_path / 'a'}: starting a new run" in first.stderr
     again = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert again.returncode == 2  # without --resume the run is not overwritten
     assert "holds a training run (checkpoint.pt): --resume continues it" in again.stderr

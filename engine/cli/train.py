@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -126,11 +127,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # a bad one fails before the teacher loads
     config = _config(args)
-    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
+    held = (Path(args.out) / "checkpoint.pt").exists()
+    if held and not args.resume:
         raise ValueError(
             f"{args.out} holds a training run (checkpoint.pt): --resume continues it; to start "
             "over, choose another --out or delete it"
         )
+    if args.resume and not held:  # a mistyped --out would otherwise start over unsaid
+        print(f"no checkpoint in {args.out}: starting a new run", file=sys.stderr)
     teacher, tokenizer = load_model(args.model, args.dtype, device)
     if args.data:  # a provider's rows: the held-out ones stay unseen (evaluate scores on them;
         # their split is the same for every --seed, so train's and evaluate's agree)
