@@ -48,6 +48,20 @@ def test_purify_top_k(tmp_path, transform_file):
     values, ids = purify(z, t, output="logprobs", top_k=5)
     torch.testing.assert_close(got["values"], values)
     assert torch.equal(got["ids"], ids)
+    # a .npy shard's top-k go to NAME.safetensors (one .npy holds one array); an empty shard
+    # gives empty [0, k] tensors; a k over the vocabulary is refused before anything is written
+    np.save(tmp_path / "y.npy", z.numpy())
+    np.save(tmp_path / "empty.npy", np.zeros((0, 300), dtype=np.float32))
+    npys = [str(tmp_path / "y.npy"), str(tmp_path / "empty.npy")]
+    argv = ["purify", *npys, "--transform", str(tpath), "--top-k", "5", "--output", "logprobs"]
+    assert main([*argv, "--out", str(tmp_path / "npy")]) == 0
+    got = load_file(tmp_path / "npy" / "y.safetensors")
+    torch.testing.assert_close(got["values"], values)
+    assert torch.equal(got["ids"], ids)
+    empty = load_file(tmp_path / "npy" / "empty.safetensors")
+    assert empty["values"].shape == empty["ids"].shape == (0, 5)
+    assert main([*argv[:-4], "--top-k", "301", "--out", str(tmp_path / "big")]) == 2
+    assert not (tmp_path / "big").exists()
 
 
 def test_purify_runs_on_the_device_asked_for(tmp_path, transform_file, capsys):
@@ -119,7 +133,7 @@ def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     np.save(tmp_path / "b" / "good.npy", np.zeros((3, 300), dtype=np.float32))
     twice = [shards[0], str(tmp_path / "b" / "good.npy")]
     assert main(["purify", *twice, "--transform", str(tpath), "--out", str(out)]) == 2
-    assert "inputs share file names ['good.npy']" in capsys.readouterr().err
+    assert "inputs would share output names ['good.npy']" in capsys.readouterr().err
     # a 0 that would read as 'off' (top-k) or fail deep inside (block rows): refused up front
     purify = ["purify", shards[0], "--transform", str(tpath), "--out", str(out)]
     for flag, value, says in (

@@ -26,13 +26,23 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     shards = [LogitsShard(p, args.key) for p in args.inputs]
+
+    def target(shard: LogitsShard) -> Path:
+        """The same file name; top-k values and ids of a .npy shard go to .safetensors
+        (one .npy file holds one array)."""
+        if args.top_k is not None and shard.path.suffix == ".npy":
+            return out_dir / f"{shard.path.stem}.safetensors"
+        return out_dir / shard.path.name
+
     # every shard checked before any is written: a bad one late in the list costs nothing
-    names = [s.path.name for s in shards]
+    names = [target(s).name for s in shards]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"inputs share file names {twice}: their outputs in {out_dir} would clash")
+        raise ValueError(f"inputs would share output names {twice} in {out_dir}")
+    if args.top_k is not None and args.top_k > transform.vocab_size:
+        raise ValueError(f"--top-k {args.top_k} is over the vocabulary ({transform.vocab_size})")
     for shard in shards:
-        if (out_dir / shard.path.name).resolve() == shard.path.resolve():
+        if target(shard).resolve() == shard.path.resolve():
             raise ValueError(f"--out {out_dir} would overwrite the input {shard.path}")
         if shard.shape[1] != transform.vocab_size:
             raise ValueError(
@@ -42,14 +52,15 @@ def cmd_purify(args: argparse.Namespace) -> int:
     total = sum(s.shape[0] for s in shards)
     bar = tqdm(total=total, unit="row", desc="purify")
     for shard in shards:
-        target = out_dir / shard.path.name
         if args.top_k is not None:
             # values and ids are [N, k]: small, so both are written once the shard is done
             pairs = [purified(block, args.top_k) for block in shard.blocks(args.block_rows)]
-            values = torch.cat([v for v, _ in pairs])
-            ids = torch.cat([i for _, i in pairs])
+            values = torch.cat(
+                [v for v, _ in pairs] or [torch.empty(0, args.top_k, dtype=shard.dtype)]
+            )
+            ids = torch.cat([i for _, i in pairs] or [torch.empty(0, args.top_k, dtype=torch.long)])
             write_streamed(
-                target,
+                target(shard),
                 tuple(values.shape),
                 values.dtype,
                 iter([values]),
@@ -59,7 +70,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
             )
         else:
             blocks = (purified(b) for b in shard.blocks(args.block_rows))
-            write_streamed(target, shard.shape, shard.dtype, blocks, on_block=bar.update)
+            write_streamed(target(shard), shard.shape, shard.dtype, blocks, on_block=bar.update)
     bar.close()
     return 0
 
@@ -69,7 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("purify", help="purify logits shards (.safetensors or .npy), streaming")
     p.add_argument("inputs", nargs="+", help="logits shards [rows, vocab]")
     p.add_argument("--transform", required=True, help="a transform file written by train")
-    p.add_argument("--out", required=True, help="output folder (same file names)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: the same file names (top-k of a .npy shard: NAME.safetensors)",
+    )
     p.add_argument("--key", default=None, help="tensor name in safetensors inputs")
     p.add_argument(
         "--output",
