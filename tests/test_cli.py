@@ -134,6 +134,14 @@ def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     twice = [shards[0], str(tmp_path / "b" / "good.npy")]
     assert main(["purify", *twice, "--transform", str(tpath), "--out", str(out)]) == 2
     assert "inputs would share output names ['good.npy']" in capsys.readouterr().err
+    # a NaN deep in a shard is named by file and rows; that shard's output is not left half-written
+    bad = np.zeros((10, 300), dtype=np.float32)
+    bad[7, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    argv = [str(tmp_path / "nan.npy"), "--transform", str(tpath), "--block-rows", "4"]
+    assert main(["purify", *argv, "--out", str(tmp_path / "n")]) == 2
+    assert f"{tmp_path / 'nan.npy'}, rows 4-7: logits contain NaN" in capsys.readouterr().err
+    assert not (tmp_path / "n" / "nan.npy").exists()
     # a 0 that would read as 'off' (top-k) or fail deep inside (block rows): refused up front
     purify = ["purify", shards[0], "--transform", str(tpath), "--out", str(out)]
     for flag, value, says in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -20,9 +21,17 @@ def cmd_purify(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     transform = load_transform(args.transform).to(device)
 
-    def purified(block: torch.Tensor, top_k: int | None = None):
-        out = purify(block.to(device), transform, args.temperature, args.output, top_k)
-        return tuple(t.cpu() for t in out) if top_k else out.cpu()
+    def purified(shard: LogitsShard) -> Iterator:
+        """The shard's purified row blocks; a bad row is named by file and rows."""
+        start = 0
+        for block in shard.blocks(args.block_rows):
+            try:
+                out = purify(block.to(device), transform, args.temperature, args.output, args.top_k)
+            except ValueError as exc:
+                rows = f"rows {start}-{start + len(block) - 1}"
+                raise ValueError(f"{shard.path}, {rows}: {exc}") from exc
+            start += len(block)
+            yield tuple(t.cpu() for t in out) if args.top_k else out.cpu()
 
     out_dir = Path(args.out)
     shards = [LogitsShard(p, args.key) for p in args.inputs]
@@ -50,15 +59,18 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 f"{transform.vocab_size}"
             )
     total = sum(s.shape[0] for s in shards)
-    bar = tqdm(total=total, unit="row", desc="purify")
-    for shard in shards:
-        if args.top_k is not None:
+    with tqdm(total=total, unit="row", desc="purify") as bar:
+        for shard in shards:
+            if args.top_k is None:
+                write_streamed(
+                    target(shard), shard.shape, shard.dtype, purified(shard), on_block=bar.update
+                )
+                continue
             # values and ids are [N, k]: small, so both are written once the shard is done
-            pairs = [purified(block, args.top_k) for block in shard.blocks(args.block_rows)]
-            values = torch.cat(
-                [v for v, _ in pairs] or [torch.empty(0, args.top_k, dtype=shard.dtype)]
-            )
-            ids = torch.cat([i for _, i in pairs] or [torch.empty(0, args.top_k, dtype=torch.long)])
+            pairs = list(purified(shard))
+            empty = torch.empty(0, args.top_k, dtype=shard.dtype)
+            values = torch.cat([v for v, _ in pairs] or [empty])
+            ids = torch.cat([i for _, i in pairs] or [empty.long()])
             write_streamed(
                 target(shard),
                 tuple(values.shape),
@@ -68,10 +80,6 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 on_block=bar.update,
                 name="values",
             )
-        else:
-            blocks = (purified(b) for b in shard.blocks(args.block_rows))
-            write_streamed(target(shard), shard.shape, shard.dtype, blocks, on_block=bar.update)
-    bar.close()
     return 0
 
 
