@@ -41,7 +41,13 @@ def purify_dataset(
     device = next(transform.parameters()).device
     bar = tqdm(total=len(dataset), unit="row", desc="purify", disable=not progress)
 
-    def one_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def one_batch(batch: dict[str, Any], indices: list[int]) -> dict[str, np.ndarray]:
+        try:
+            return purified(batch)
+        except ValueError as exc:  # which rows: a table can hold millions
+            raise ValueError(f"rows {indices[0]}-{indices[-1]}: {exc}") from exc
+
+    def purified(batch: dict[str, Any]) -> dict[str, np.ndarray]:
         rows = batch[column]  # [B, V] when every row has V entries, else one array per row
         widths = {len(r) for r in rows} if getattr(rows, "ndim", 1) != 2 else {rows.shape[1]}
         if widths != {transform.vocab_size}:
@@ -62,7 +68,9 @@ def purify_dataset(
 
     drop = [column] if top_k is not None else None
     blocks = dataset.with_format("numpy", columns=[column], output_all_columns=True)
-    out = blocks.map(one_batch, batched=True, batch_size=batch_size, remove_columns=drop)
+    out = blocks.map(
+        one_batch, batched=True, batch_size=batch_size, remove_columns=drop, with_indices=True
+    )
     bar.close()
     fmt = dataset.format
     chosen = fmt["columns"] is not None and set(fmt["columns"]) != set(dataset.column_names)

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import openai
 import pytest
 import torch
@@ -201,8 +202,12 @@ def test_purify_dataset_matches_purify(tmp_path):
     with pytest.raises(ValueError, match="only full-vocabulary logits"):
         purify_dataset(topk_only, t, progress=False)
     ragged = datasets.Dataset.from_dict({"logits": [[0.0] * 30, [0.0] * 29]})
-    with pytest.raises(ValueError, match=r"rows have \[29, 30\] entries"):
+    with pytest.raises(ValueError, match=r"rows 0-1: 'logits' rows have \[29, 30\] entries"):
         purify_dataset(ragged, t, progress=False)
+    bad = np.zeros((50, 30), dtype=np.float32)
+    bad[33, 2] = np.nan  # named by its batch's rows, in a table that may hold millions
+    with pytest.raises(ValueError, match="rows 32-47: logits contain NaN"):
+        purify_dataset(datasets.Dataset.from_dict({"logits": bad}), t, batch_size=16)
     with pytest.raises(ValueError, match="no 'values' column"):
         purify_dataset(table, t, column="values", progress=False)
 
