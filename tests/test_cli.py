@@ -260,8 +260,6 @@ def test_evaluate_on_the_real_teacher_writes_the_report_and_resumes(tmp_path, te
     assert taus["cmiguard@hot"] == pytest.approx(3 * taus["no_defense"], rel=0.05)
     assert second["teacher_accuracy"]["cmiguard"] == second["teacher_accuracy_raw"]
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
-    assert main([*argv, "--attacks", "forward_kl,wasserstein"]) == 2
-    assert "cmiguard evaluate: error: unknown attack wasserstein" in capsys.readouterr().err
     assert main([*argv, "--defenses", "soften@0.5"]) == 2  # named before any student trains
     assert "the soften knob must be > 1" in capsys.readouterr().err
 
@@ -314,6 +312,21 @@ def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):
         assert main([*command, "--model", model, "--transform", str(bad)]) == 2
         err = capsys.readouterr().err
         assert "truncated or corrupt" in err and "no-model" not in err, command
+    # evaluate's transforms, attacks and defenses: named before the model loads (and before
+    # a demo transform would train for minutes)
+    good = tmp_path / "good.safetensors"
+    save_transform(LowRankTransform(300, 2), good)
+    evaluate = ["evaluate", "--model", model, "--out", str(tmp_path / "e")]
+    evaluate += ["--transform", str(good)]
+    for extra, says in (
+        (["--cmiguard", f"hot={bad}"], "truncated or corrupt"),
+        (["--cmiguard", "hot"], "--cmiguard takes LABEL=PATH, got 'hot'"),
+        (["--defenses", "no_defense,cmiguard@hot"], "'cmiguard@hot' needs --cmiguard hot=PATH"),
+        (["--attacks", "forward_kl,wasserstein"], "unknown attack wasserstein"),
+    ):
+        assert main([*evaluate, *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "no-model" not in err, extra
     # neither or both of --transform and --unprotected: named before the model loads
     for extra in ([], ["--unprotected", "--transform", str(bad)]):
         assert main(["serve", "--model", model, *extra]) == 2

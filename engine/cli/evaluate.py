@@ -13,13 +13,34 @@ from cmiguard.cli.options import DATA_HELP, at_least_one, model_args
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cmiguard.attack.defenses import parse
     from cmiguard.attack.evaluation import ATTACKS, QUICK_ATTACKS, EvalConfig, evaluate
-    from cmiguard.checkpoint import load_transform, vocab_fingerprint
+    from cmiguard.checkpoint import load_transform, read_metadata, vocab_fingerprint
     from cmiguard.train.corpus import load_examples
     from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
     from cmiguard.train.demo import DemoConfig, run_demo
     from cmiguard.train.models import load_model
 
+    # every name and file is checked before the model loads and a demo transform trains
     out = Path(args.out)
+    labelled = _labelled(args.cmiguard)  # label -> path: further learned defenses
+    for path in [*([args.transform] if args.transform else []), *labelled.values()]:
+        read_metadata(path)
+    articles, held, steps = (
+        (24, 8, 20) if args.quick else (args.articles, args.heldout_articles, args.steps)
+    )
+    config = EvalConfig(steps=steps, seed=args.seed, autocast=args.autocast, progress=not args.json)
+    if args.quick:  # a smoke run inside 10 minutes on 2 cores, not a finding
+        config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "sharpen@0.5")
+        config.batch_size = 4
+    if args.attacks:
+        config.attacks = tuple(_known(args.attacks, ATTACKS, "attack"))
+    if args.defenses:
+        config.defenses = tuple(d.strip() for d in args.defenses.split(",") if d.strip())
+    config.defenses = tuple(dict.fromkeys([*config.defenses, *(f"cmiguard@{k}" for k in labelled)]))
+    for name in config.defenses:
+        family, knob = parse(name)
+        if family == "cmiguard" and knob is not None and knob not in labelled:
+            raise ValueError(f"defense {name!r} needs --cmiguard {knob}=PATH")
+
     teacher, tokenizer = load_model(args.model, args.dtype)
     if args.transform is None:
         args.transform = out / "transform.safetensors"
@@ -28,14 +49,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fingerprint = vocab_fingerprint(tokenizer)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     transforms = {"cmiguard": load_transform(args.transform, vocab, fingerprint)}
-    for item in args.cmiguard:  # label=path: a further learned defense, cmiguard@label
-        label, _, path = item.partition("=")
-        if not (label and path):
-            raise ValueError(f"--cmiguard takes LABEL=PATH, got {item!r}")
+    for label, path in labelled.items():
         transforms[f"cmiguard@{label}"] = load_transform(path, vocab, fingerprint)
-    articles, held, steps = (
-        (24, 8, 20) if args.quick else (args.articles, args.heldout_articles, args.steps)
-    )
     choices = []
     if args.data:  # a provider's rows: students learn on one share and are scored on the other
         calibration, heldout = load_examples(args.data, tokenizer, 64)  # train's split
@@ -45,17 +60,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
         heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
         choices = choice_questions(tokenizer, capital_choices("heldout"))
-    config = EvalConfig(steps=steps, seed=args.seed, autocast=args.autocast, progress=not args.json)
-    if args.quick:  # a smoke run inside 10 minutes on 2 cores, not a finding
-        config.attacks, config.defenses = QUICK_ATTACKS, ("no_defense", "cmiguard", "sharpen@0.5")
-        config.batch_size = 4
-    if args.attacks:
-        config.attacks = tuple(_known(args.attacks, ATTACKS, "attack"))
-    if args.defenses:
-        config.defenses = tuple(d.strip() for d in args.defenses.split(",") if d.strip())
-    config.defenses = tuple(dict.fromkeys([*config.defenses, *transforms.keys() - {"cmiguard"}]))
-    for name in config.defenses:
-        parse(name)  # a bad name fails before any student trains
     results = evaluate(
         teacher, transforms, calibration, heldout, tokenizer.pad_token_id, config, out, choices
     )
@@ -64,6 +68,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print((out / "evaluation.md").read_text())
     return 0
+
+
+def _labelled(items: Sequence[str]) -> dict[str, str]:
+    """``--cmiguard LABEL=PATH`` items as ``{label: path}``."""
+    labelled = {}
+    for item in items:
+        label, _, path = item.partition("=")
+        if not (label and path):
+            raise ValueError(f"--cmiguard takes LABEL=PATH, got {item!r}")
+        labelled[label] = path
+    return labelled
 
 
 def _known(names: str, known: Sequence[str], what: str) -> list[str]:
