@@ -388,6 +388,10 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert f"argument {argv[-2]}: must be >= 1, got 0" in capsys.readouterr().err
+    for command in (["train", "--out", "x"], ["evaluate"]):  # a missing --data, named at once
+        with pytest.raises(SystemExit):
+            main([*command, "--data", "nope.jsonl"])
+        assert "argument --data: no such file or directory: nope.jsonl" in capsys.readouterr().err
 
 
 def test_fold_never_overwrites_what_it_would_not_rewrite(tmp_path, teacher, capsys):

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cmiguard.cli.options import DATA_HELP, at_least_one, model_args
+from cmiguard.cli.options import DATA_HELP, at_least_one, existing, model_args
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """evaluate and its options."""
     p = sub.add_parser("evaluate", help="distil students with each attack, raw vs defended")
     model_args(p)
-    p.add_argument("--data", default=None, help=DATA_HELP)
+    p.add_argument("--data", type=existing, default=None, help=DATA_HELP)
     p.add_argument("--transform", default=None, help="default: train one as the demo does")
     p.add_argument("--quick", action="store_true", help="3 attacks x 3 defenses, small data")
     # 96 articles seen 5 times: the regime where KD measurably beats SFT (a

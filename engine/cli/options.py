@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +24,13 @@ def positive(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def existing(text: str) -> str:
+    """An argparse type: a path that exists (checked before any model loads)."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
+    return text
 
 
 DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1"

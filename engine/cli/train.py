@@ -8,7 +8,14 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from cmiguard.cli.options import DATA_HELP, DEVICE_HELP, at_least_one, model_args, resolve_device
+from cmiguard.cli.options import (
+    DATA_HELP,
+    DEVICE_HELP,
+    at_least_one,
+    existing,
+    model_args,
+    resolve_device,
+)
 from cmiguard.train.objectives import UTILITIES
 from cmiguard.train.trainer import OBJECTIVES, TrainConfig
 from cmiguard.transforms import FAMILIES, INITS
@@ -176,7 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """train and every TrainConfig field as an option."""
     p = sub.add_parser("train", help="train a transform for a model (default: the bundled teacher)")
     model_args(p)
-    p.add_argument("--data", default=None, help=DATA_HELP)
+    p.add_argument("--data", type=existing, default=None, help=DATA_HELP)
     _train_args(p)
     p.add_argument(
         "--articles", type=at_least_one, default=96, help="calibration Wikipedia summaries"
