@@ -228,6 +228,21 @@ class DiagLowRankTransform(_LowRank):
         return new_w.to(weight.dtype), _fold_bias(self, bias)
 
 
+# V² fp32 weights: 1 GiB at this size (and AdamW keeps two more copies)
+DENSE_MAX_VOCAB = 16_384
+
+
+def check_dense(vocab_size: int) -> None:
+    """Refuse a dense transform too large to hold, before anything is spent on it."""
+    if vocab_size > DENSE_MAX_VOCAB:
+        gib = vocab_size**2 * 4 / 2**30
+        raise ValueError(
+            f"a dense transform of a {vocab_size:,}-token vocabulary has {vocab_size:,}² "
+            f"weights ({gib:.1f} GiB in fp32); it is for vocabularies up to "
+            f"{DENSE_MAX_VOCAB:,}: use lowrank or diag_lowrank"
+        )
+
+
 class DenseTransform(LogitTransform):
     """``T(z) = z Wᵀ + b`` with ``W = I``: only for small vocabularies (V² parameters)."""
 
@@ -240,6 +255,7 @@ class DenseTransform(LogitTransform):
         temperature: float = 1.0,
         guard_margin: float | None = None,
     ) -> None:
+        check_dense(vocab_size)
         super().__init__(vocab_size, 0, temperature, guard_margin)
         self.weight = nn.Parameter(torch.eye(vocab_size))
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None

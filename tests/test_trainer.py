@@ -102,6 +102,9 @@ def test_bad_training_input():
         TrainConfig(utility="accuracy")
     with pytest.raises(ValueError, match="not for dense"):
         TrainConfig(family="dense", init="seed")
+    # a dense transform of SmolLM2's vocabulary would be 9 GiB: refused, not allocated
+    with pytest.raises(ValueError, match=r"49,152² weights \(9.0 GiB in fp32\)"):
+        train(TrainConfig(objective="cmi", family="dense"), tiny_model(49_152), tiny_examples(), 0)
     for bad in ({"epochs": 0}, {"batch_size": 0}):
         with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
             TrainConfig(**bad)

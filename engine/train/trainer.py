@@ -44,7 +44,7 @@ from cmiguard.train.objectives import (
     utility_loss,
 )
 from cmiguard.train.rows import RowSet, teacher_rows, with_residuals
-from cmiguard.transforms import FAMILIES, INITS, LogitTransform, make_transform
+from cmiguard.transforms import FAMILIES, INITS, LogitTransform, check_dense, make_transform
 
 OBJECTIVES = ("paper", "cmi")
 # the seed's selection rule: answers kept within 1 point, argmax on ≥ 99% of rows
@@ -182,6 +182,8 @@ def train(
         raise ValueError("the training dataset is empty")
     if config.objective == "paper" and surrogate is None:
         raise ValueError("the paper objective needs a surrogate student model")
+    if config.family == "dense":  # before the teacher rows are computed
+        check_dense(teacher.get_output_embeddings().weight.shape[0])
     device = next(teacher.parameters()).device
     if surrogate is not None and next(surrogate.parameters()).device != device:
         raise ValueError(
