@@ -93,3 +93,12 @@ def test_purify_rejects_bad_arguments():
         from cmiguard import make_transform
 
         make_transform("sparse", 10)
+
+
+def test_a_dense_map_too_large_to_hold_is_refused():
+    """Named before anything is allocated (V² fp32 weights)."""
+    from cmiguard.transforms import DenseTransform
+
+    with pytest.raises(ValueError, match=r"16,385² weights \(1.0 GiB in fp32\)"):
+        DenseTransform(16_385)
+    assert DenseTransform(16).weight.shape == (16, 16)
