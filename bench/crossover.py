@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.problems import Case, implementations, make_inputs  # noqa: E402
-from bench.report import time_cpu, time_cuda, time_or_none  # noqa: E402
+from bench.report import sweep_clock, time_or_none  # noqa: E402
 
 # decode batches (DECODE_MAX_ROWS): timed with their graphs on and off
 DECODE_ROWS = 64
@@ -39,7 +39,7 @@ def measure(case: Case, device: str) -> dict:
     (a lease may not allow the sweep to be run again)."""
     z, labels, t = make_inputs(case, device)
     impls = implementations(case, z, labels, t)
-    clock = time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
+    clock = sweep_clock(device)
 
     def timer(fn) -> float | None:
         backend = os.environ.get("CMIGUARD_BACKEND")

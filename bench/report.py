@@ -77,13 +77,17 @@ def time_cpu(fn, repeats: int, min_seconds: float = 0.5) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-    """Measured ceiling: a 2 GiB device-to-device copy, bytes read + written per second."""
-    import triton.testing
-
-    src = torch.randn(2**29, device="cuda")
+def copy_bandwidth(device: str = "cuda") -> float:
+    """Measured ceiling: a device-to-device copy (2 GiB on CUDA; 16 MiB on the CPU,
+    for the sweeps' smoke runs), bytes read + written per second."""
+    src = torch.randn(2**29 if device == "cuda" else 2**22, device=device)
     dst = torch.empty_like(src)
-    seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200) / 1e3
+    if device == "cuda":
+        import triton.testing
+
+        seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200) / 1e3
+    else:
+        seconds = time_cpu(lambda: dst.copy_(src), repeats=3)
     return 2 * src.numel() * 4 / seconds
 
 
@@ -91,6 +95,12 @@ def time_cuda(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
+
+
+def sweep_clock(device: str):
+    """How a sweep times a call: ``do_bench`` on CUDA; on the CPU (the smoke runs,
+    which check the wiring, not the speed) one call after a warm-up."""
+    return time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
 
 
 def time_or_none(timer, fn, label: str) -> float | None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.problems import Case, implementations, make_inputs, min_bytes  # noqa: E402
-from bench.report import copy_bandwidth, time_cpu, time_cuda, time_or_none  # noqa: E402
+from bench.report import copy_bandwidth, sweep_clock, time_or_none  # noqa: E402
 
 # the targets' shapes first (issue 20: N = 8192 and N = 1): a lease's time limit may
 # cut the sweep (the 2026-11-25 one never reached N = 8192)
@@ -56,7 +56,7 @@ def sweep(case: Case, bandwidth: float, device: str = "cuda") -> list[dict]:
     from cmiguard.kernels.config import LaunchConfig, forced, launch_config
     from cmiguard.kernels.purify import purify_triton
 
-    clock = time_cuda if device == "cuda" else lambda fn: time_cpu(fn, repeats=1, min_seconds=0)
+    clock = sweep_clock(device)
     z, labels, t = make_inputs(case, device)
     variants = [("default", launch_config(case.n, case.v, case.rank))]
     variants += [
@@ -102,14 +102,13 @@ def main() -> None:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
         device, shapes = "cpu", [(17, 1000, 64)]
-        src = torch.randn(2**22)
-        bandwidth = 2 * src.numel() * 4 / time_cpu(lambda: src.clone(), repeats=3)
         name = "CPU (interpreter: a wiring check, not a timing)"
     elif torch.cuda.is_available():
-        device, shapes, bandwidth = "cuda", SHAPES, copy_bandwidth()
+        device, shapes = "cuda", SHAPES
         name = torch.cuda.get_device_name()
     else:
         raise SystemExit("needs a CUDA device (or --smoke for a CPU wiring check)")
+    bandwidth = copy_bandwidth(device)
     rows: list[dict] = []
     work = [Case(op, n, v, r) for n, v, r in shapes for op in ("purify", "train")]
     for case in tqdm(work, desc="shapes"):
