@@ -18,13 +18,11 @@ from typing import Any
 
 @functools.cache
 def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-to-character map, inverted: printable Latin-1 bytes stand
-    for themselves, the other 68 bytes for the characters from U+0100 on."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    others = [b for b in range(256) if b not in printable]
-    chars = {chr(b): b for b in printable}
-    chars |= {chr(256 + i): b for i, b in enumerate(others)}
-    return chars
+    """GPT-2's byte-to-character map (transformers' ``bytes_to_unicode``), inverted:
+    printable Latin-1 bytes stand for themselves, the other 68 for U+0100 on."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def is_byte_level(tokenizer: Any) -> bool:
