@@ -9,9 +9,12 @@ needed, output included.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
-from bench.problems import Case, implementations, make_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.problems import Case, implementations, make_inputs  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -23,10 +26,18 @@ def _status_kib(field: str) -> int:
 
 
 def main() -> None:
-    op, n, v, rank, impl = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
-    case = Case(op, n, v, rank)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("op", choices=["purify", "train"])
+    parser.add_argument("n", type=int, help="rows")
+    parser.add_argument("v", type=int, help="vocabulary")
+    parser.add_argument("rank", type=int, help="the transform's rank")
+    parser.add_argument("impl", choices=["ours", "eager", "compile"])
+    args = parser.parse_args()
+    case = Case(args.op, args.n, args.v, args.rank)
     z, labels, t = make_inputs(case, "cpu")
-    fn = implementations(case, z, labels, t)[impl]
+    fn = implementations(case, z, labels, t)[args.impl]
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -19,6 +19,7 @@ do), next to the raw teacher's NLL. It writes
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def label_nll(served: Tensor, labels: Tensor, mass: Tensor) -> Tensor:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     teacher, tokenizer = load_teacher()
     pad = tokenizer.pad_token_id
     calibration = text_examples(tokenizer, wiki_summaries("calibration", 384), 64)

@@ -17,6 +17,8 @@ seed, steps), next to the SFT floor, with the gap closed.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from cmiguard import cmi
@@ -51,6 +53,9 @@ def gate(z: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     config = EvalConfig()
     teacher, tokenizer = load_teacher()
     pad = tokenizer.pad_token_id

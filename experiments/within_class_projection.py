@@ -16,6 +16,7 @@ moves the served distribution.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
@@ -76,6 +77,9 @@ def split_examples(tokenizer: Any, split: str, articles: int, max_tokens: int) -
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     torch.manual_seed(0)
     cfg = DemoConfig()
     teacher, tokenizer = load_teacher()

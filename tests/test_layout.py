@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,23 @@ def test_nothing_needs_files_outside_the_repository():
         if path.name == "test_layout.py":
             continue
         assert "shared/" not in path.read_text(encoding="utf-8"), path
+
+
+def scripts() -> list[Path]:
+    """Every runnable script outside the package: the studies and the benchmarks."""
+    files = sorted((ROOT / "experiments").rglob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
+    return [f for f in files if 'if __name__ == "__main__":' in f.read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("script", scripts(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_script_answers_help_without_running(script: Path):
+    # a study that ignored --help ran for up to 9 minutes instead of saying what it does
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: "), done.stdout[:500]
