@@ -107,6 +107,29 @@ def test_chat_completions_with_top_logprobs(server):
     assert b"".join(bytes(e.bytes) for e in content) == out.choices[0].message.content.encode()
 
 
+def test_chat_content_parts_are_the_joined_text(server):
+    import openai
+
+    # OpenAI's newer clients send content as a list of parts; vLLM joins text parts by "\n"
+    c = client(server)
+    kw = {"model": "tiny", "max_tokens": 4, "logprobs": True, "top_logprobs": 3, "temperature": 0}
+    parts = [{"type": "text", "text": "Name a"}, {"type": "text", "text": "colour."}]
+    as_parts = c.chat.completions.create(messages=[{"role": "user", "content": parts}], **kw)
+    as_text = c.chat.completions.create(
+        messages=[{"role": "user", "content": "Name a\ncolour."}], **kw
+    )
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    got = [e.logprob for e in as_parts.choices[0].logprobs.content]
+    assert got == pytest.approx([e.logprob for e in as_text.choices[0].logprobs.content], abs=1e-5)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.chat.completions.create(messages=[{"role": "user", "content": [parts[0], image]}], **kw)
+    error = refused.value.body
+    assert "part 1 has type 'image_url'" in error["message"]
+    assert error["param"] == "messages.0.content"
+
+
 def test_stop_sequences_through_the_api(server):
     def ask(**kw):
         return client(server).completions.create(

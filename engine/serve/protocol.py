@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
@@ -142,10 +142,27 @@ class CompletionRequest(Options):
     best_of: int | None = Field(None, ge=1, le=128)
 
 
+def _content_text(content: Any) -> Any:
+    """OpenAI's content parts (what its newer clients send) as one string, the
+    text parts joined by newlines as vLLM joins them; any other part is refused
+    by its type."""
+    if not isinstance(content, list):
+        return content  # a string, checked as Text
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"part {i} has type {kind!r}: this server takes text parts only")
+        if kind != "text" or set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise ValueError(f'part {i} must be {{"type": "text", "text": "..."}}')
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Annotated[Text, BeforeValidator(_content_text)]
     name: Text | None = None
 
 
