@@ -459,6 +459,8 @@ ASK = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         (ASK | {"prompt": ""}, 400, "invalid_request"),
         (ASK | {"prompt": [1, 49152]}, 400, "invalid_request"),
         (ASK | {"prompt": [1, "mixed"]}, 400, "invalid_request"),
+        (ASK | {"prompt": [True, 5]}, 400, "invalid_request"),  # not token 1
+        (ASK | {"prompt": [5.0]}, 400, "invalid_request"),
         (ASK | {"prompt": ["one"] * 9}, 400, "invalid_request"),
         (ASK | {"prompt": ["one", ""]}, 400, "invalid_request"),
         (ASK | {"best_of": 2, "n": 3}, 400, "invalid_request"),
@@ -473,6 +475,21 @@ def test_bad_requests_get_4xx(server, body, status, code):
     )
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
+
+
+def test_a_prompt_of_no_known_form_is_told_the_forms(server):
+    r = httpx.post(
+        f"{server['url']}/completions",
+        json=ASK | {"prompt": ["text", [3, 4]]},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "prompt"
+    assert error["message"] == (
+        "invalid request: prompt must be a string, a list of token ids (integers), "
+        "or a list of strings or of token-id lists"
+    )
 
 
 def test_chat_rejects_negative_top_logprobs_and_auth_is_required(server):

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    model_validator,
+)
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
@@ -131,10 +139,30 @@ class Options(BaseModel):
         return self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
 
 
+def _token_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(type(t) is int for t in x)  # not True / 5.0
+
+
+def _prompt_form(prompt: Any) -> Any:
+    """Name the forms a prompt may take, rather than the first one pydantic tried."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return prompt
+    if isinstance(prompt, list) and (
+        all(isinstance(p, str) for p in prompt) or all(_token_ids(p) for p in prompt)
+    ):
+        return prompt
+    raise ValueError(
+        "must be a string, a list of token ids (integers), or a list of strings "
+        "or of token-id lists"
+    )
+
+
 class CompletionRequest(Options):
     # text or token ids (scored exactly as given, with no re-tokenisation),
     # or a list of either: a job per prompt, choices numbered prompt by prompt
-    prompt: Text | list[int] | list[Text] | list[list[int]]
+    prompt: Annotated[
+        Text | list[StrictInt] | list[Text] | list[list[StrictInt]], BeforeValidator(_prompt_form)
+    ]
     max_tokens: int = Field(16, ge=0, lt=2**31)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False

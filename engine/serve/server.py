@@ -93,7 +93,7 @@ def create_app(
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = _field_path(first.get("loc", ()))
-        what = first.get("msg", "")
+        what = first.get("msg", "").removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             what = "is not a field this server knows (refused rather than ignored)"
         err = ApiError(
