@@ -492,6 +492,32 @@ def test_a_prompt_of_no_known_form_is_told_the_forms(server):
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "content_type", "message"),
+    [
+        (b'{"model": "tiny",', "application/json", "the body is not valid JSON: "),
+        (b"[1, 2]", "application/json; charset=utf-8", "the body must be a JSON object"),
+        (
+            json.dumps(ASK).encode(),
+            "application/x-www-form-urlencoded",  # what curl -d sends
+            "send the body as JSON with Content-Type: application/json "
+            "(got application/x-www-form-urlencoded)",
+        ),
+    ],
+    ids=["broken", "array", "form-encoded"],
+)
+def test_a_body_that_is_not_a_json_object_is_told_so(server, content, content_type, message):
+    r = httpx.post(
+        f"{server['url']}/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": content_type},
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"].startswith("invalid request: " + message), error
+    assert error["param"] is None
+
+
 def test_chat_rejects_negative_top_logprobs_and_auth_is_required(server):
     body = {
         "model": "tiny",

@@ -90,14 +90,28 @@ def create_app(
         return JSONResponse(err.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = _field_path(first.get("loc", ()))
+        loc = first.get("loc", ())
+        where = _field_path(loc)
         what = first.get("msg", "").removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             what = "is not a field this server knows (refused rather than ignored)"
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            error = first.get("ctx", {}).get("error", "")
+            where, what = "", f"the body is not valid JSON: {error} at character {loc[-1]}"
+        elif tuple(loc) == ("body",):  # the whole body: not an object, or not read as JSON
+            sent = request.headers.get("content-type", "none")
+            what = (
+                "the body must be a JSON object"
+                if sent.split(";")[0].strip() == "application/json"
+                else f"send the body as JSON with Content-Type: application/json (got {sent})"
+            )
         err = ApiError(
-            400, f"invalid request: {where} {what}".strip(), "invalid_request", param=where or None
+            400,
+            " ".join(part for part in ("invalid request:", where, what) if part),
+            "invalid_request",
+            param=where or None,
         )
         return JSONResponse(err.body(), status_code=400)
 
