@@ -183,6 +183,15 @@ def from_pretrained(
     return load_transform(directory, vocab_size, vocab_fingerprint, device)
 
 
+def _number(path: str | os.PathLike, metadata: dict[str, str], key: str, kind: type) -> Any:
+    """A metadata field read as ``int`` or ``float``, or an error naming the file and field."""
+    try:
+        return kind(metadata[key])
+    except (KeyError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{path}: metadata {key!r} is {metadata.get(key)!r}, not {what}") from None
+
+
 def load_transform(
     path: str | os.PathLike,
     vocab_size: int | None = None,
@@ -194,7 +203,7 @@ def load_transform(
     ``vocab_size`` / ``vocab_fingerprint``, when given, must match the file's.
     """
     metadata = read_metadata(path)
-    file_vocab = int(metadata["vocab_size"])
+    file_vocab = _number(path, metadata, "vocab_size", int)
     if vocab_size is not None and file_vocab != vocab_size:
         raise ValueError(
             f"{path} was trained for vocab_size={file_vocab}, but the model has vocab_size="
@@ -207,17 +216,26 @@ def load_transform(
             f"this model's is {vocab_fingerprint})"
         )
     family = metadata["family"]
-    kwargs: dict[str, Any] = {"temperature": float(metadata["temperature"])}
+    kwargs: dict[str, Any] = {"temperature": _number(path, metadata, "temperature", float)}
     if metadata.get("guard_margin"):
-        kwargs["guard_margin"] = float(metadata["guard_margin"])
+        kwargs["guard_margin"] = _number(path, metadata, "guard_margin", float)
     if metadata.get("factor_dtype"):
         kwargs["factor_dtype"] = metadata["factor_dtype"]
     if family in ("lowrank", "dense"):  # diag_lowrank always has its bias
+        if metadata.get("bias", "False") not in ("True", "False"):
+            raise ValueError(f"{path}: metadata 'bias' is {metadata['bias']!r}, not True or False")
         kwargs["bias"] = metadata.get("bias") == "True"
-    transform = make_transform(family, file_vocab, int(metadata["rank"]), **kwargs)
+    rank = _number(path, metadata, "rank", int)
+    try:
+        transform = make_transform(family, file_vocab, rank, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{path}: its metadata makes no transform ({exc})") from exc
     try:
         with safe_open(str(_weights(Path(path))), framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        not_float = [k for k, v in state.items() if not v.is_floating_point()]
+        if not_float:
+            raise TypeError(f"tensor {not_float[0]!r} is {state[not_float[0]].dtype}, not float")
         transform.load_state_dict(state)
     except Exception as exc:
         raise ValueError(f"{path}: tensors do not match its metadata ({exc})") from exc

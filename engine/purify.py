@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,8 +45,8 @@ def purify(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     tau = transform.temperature if temperature is None else float(temperature)
-    if not tau > 0:
-        raise ValueError(f"temperature must be > 0, got {tau}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {tau}")
     if top_k is not None and not 1 <= top_k <= transform.vocab_size:
         raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
     flat = logits.reshape(-1, transform.vocab_size)

@@ -9,6 +9,8 @@ where the raw logits are (purify, the serving processors), never folded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -40,8 +42,10 @@ class LogitTransform(nn.Module):
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        if guard_margin is not None and not guard_margin >= 0:
-            raise ValueError(f"guard_margin must be >= 0 (or None), got {guard_margin}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        if guard_margin is not None and not (math.isfinite(guard_margin) and guard_margin >= 0):
+            raise ValueError(f"guard_margin must be finite and >= 0 (or None), got {guard_margin}")
         self.vocab_size = int(vocab_size)
         self.rank = int(rank)
         self.temperature = float(temperature)

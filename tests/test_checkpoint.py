@@ -3,6 +3,8 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cmiguard import (
     DenseTransform,
@@ -85,6 +87,39 @@ def test_unknown_version_and_foreign_files_are_refused(tmp_path):
         load_transform(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_transform(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rank": "8.5"}, "metadata 'rank' is '8.5', not an integer"),
+        ({"vocab_size": "{"}, "metadata 'vocab_size' is '{', not an integer"),
+        ({"temperature": "hot"}, "metadata 'temperature' is 'hot', not a number"),
+        ({"bias": "yes"}, "metadata 'bias' is 'yes', not True or False"),
+        ({"temperature": "0"}, r"makes no transform \(temperature must be finite and > 0"),
+        ({"temperature": "inf"}, r"makes no transform \(temperature must be finite and > 0"),
+        ({"rank": "0"}, r"makes no transform \(rank must be >= 1"),
+    ],
+)
+def test_metadata_that_makes_no_transform_is_named(tmp_path, changes, message):
+    # hand-edited metadata: int()'s message or a transform at temperature 0 before
+    path = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(20, 2), path)
+    _rewrite_metadata(path, **changes)
+    with pytest.raises(ValueError, match=message) as refused:
+        load_transform(path)
+    assert str(refused.value).startswith(str(path))
+
+
+def test_integer_weights_are_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_transform(LowRankTransform(20, 2), path)
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({**tensors, "b": tensors["b"].long()}, path, metadata=metadata)
+    with pytest.raises(ValueError, match="tensor 'b' is torch.int64, not float"):
+        load_transform(path)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

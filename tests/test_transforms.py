@@ -83,8 +83,13 @@ def test_fold_equals_transform_of_head(make):
 
 def test_purify_rejects_bad_arguments():
     t = LowRankTransform(10, 2)
-    with pytest.raises(ValueError, match="temperature"):
-        purify(torch.zeros(2, 10), t, temperature=0.0)
+    for tau in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            purify(torch.zeros(2, 10), t, temperature=tau)
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            LowRankTransform(10, 2, temperature=tau)
+    with pytest.raises(ValueError, match="guard_margin must be finite"):
+        LowRankTransform(10, 2, guard_margin=float("inf"))
     with pytest.raises(ValueError, match="top_k"):
         purify(torch.zeros(2, 10), t, top_k=11)
     with pytest.raises(ValueError, match="output"):
