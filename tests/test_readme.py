@@ -2,6 +2,7 @@
 folder, with the installed ``cmiguard`` on the PATH); only the server gets a
 free port, and the test asks it one question with the openai client."""
 
+import contextlib
 import os
 import re
 import socket
@@ -55,6 +56,8 @@ def test_the_readme_example_runs_as_written(tmp_path, teacher):
     )
     try:
         for _ in range(600):
+            # a server that died is said at once, with why (not after 600 polls)
+            assert server.poll() is None, f"the README's server exited: {server.stderr.read()}"
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
@@ -73,7 +76,8 @@ def test_the_readme_example_runs_as_written(tmp_path, teacher):
         assert reply.choices[0].finish_reason == "length"
         assert reply.choices[0].text and len(reply.choices[0].logprobs.top_logprobs) == 3
     finally:
-        os.killpg(server.pid, 15)
+        with contextlib.suppress(ProcessLookupError):  # gone already if it died
+            os.killpg(server.pid, 15)
         server.wait(timeout=30)
 
 
