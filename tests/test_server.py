@@ -107,7 +107,7 @@ def test_chat_completions_with_top_logprobs(server):
     assert b"".join(bytes(e.bytes) for e in content) == out.choices[0].message.content.encode()
 
 
-def test_chat_content_parts_are_the_joined_text(server):
+def test_chat_takes_content_parts_and_the_developer_role(server):
     import openai
 
     # OpenAI's newer clients send content as a list of parts; vLLM joins text parts by "\n"
@@ -122,6 +122,14 @@ def test_chat_content_parts_are_the_joined_text(server):
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
     got = [e.logprob for e in as_parts.choices[0].logprobs.content]
     assert got == pytest.approx([e.logprob for e in as_text.choices[0].logprobs.content], abs=1e-5)
+    # OpenAI's newer clients send system instructions as "developer"
+    asked = [{"role": "user", "content": "Name a colour."}]
+    replies = [
+        c.chat.completions.create(messages=[{"role": role, "content": "Be brief."}, *asked], **kw)
+        for role in ("developer", "system")
+    ]
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError) as refused:
         c.chat.completions.create(messages=[{"role": "user", "content": [parts[0], image]}], **kw)

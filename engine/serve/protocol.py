@@ -189,7 +189,11 @@ def _content_text(content: Any) -> Any:
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    # "developer" is OpenAI's newer name for system instructions; chat templates know "system"
+    role: Annotated[
+        Literal["system", "developer", "user", "assistant"],
+        AfterValidator(lambda role: "system" if role == "developer" else role),
+    ]
     content: Annotated[Text, BeforeValidator(_content_text)]
     name: Text | None = None
 
