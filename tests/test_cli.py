@@ -388,6 +388,14 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert f"argument {argv[-2]}: must be >= 1, got 0" in capsys.readouterr().err
+    # a negative count sliced rows off the end; one question left no validation question
+    for argv, minimum in ((["train", "--out", "x", "--validation-articles", "-1"], 0),
+                          (["train", "--out", "x", "--questions", "1"], 2),
+                          (["demo", "--questions", "-1"], 2)):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert f"argument {argv[-2]}: must be >= {minimum}, got {argv[-1]}" in err
     for command in (["train", "--out", "x"], ["evaluate"]):  # a missing --data, named at once
         with pytest.raises(SystemExit):
             main([*command, "--data", "nope.jsonl"])

@@ -54,3 +54,18 @@ def test_empty_inputs_are_refused():
         next(data.batches([], 2, 0))
     with pytest.raises(ValueError, match="split"):
         data.wiki_summaries("test")
+
+
+@pytest.mark.parametrize("questions", [2, 4, 10])
+def test_a_few_questions_still_leave_one_for_validation(teacher, questions):
+    # under five questions a fifth rounded to none and demo_data failed
+    from cmiguard.train.demo import DemoConfig, demo_data
+
+    config = DemoConfig(calibration_articles=1, validation_articles=0, questions=questions)
+    calibration, validation = demo_data(teacher[1], config)
+    mc = [e for e in calibration if e.kind == "mc"], [e for e in validation if e.kind == "mc"]
+    assert [len(rows) for rows in mc] == [
+        questions - max(1, questions // 5),
+        max(1, questions // 5),
+    ]
+    assert not {tuple(e.input_ids) for e in mc[0]} & {tuple(e.input_ids) for e in mc[1]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cmiguard.cli.options import at_least_one, model_args
+from cmiguard.cli.options import at_least, at_least_one, model_args
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -60,7 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-articles", type=at_least_one, default=32, help="held-out summaries")
     p.add_argument("--epochs", type=at_least_one, default=None, help="default: the measured best's")
     p.add_argument(
-        "--questions", type=int, default=None, help="calibration capital questions (default: all)"
+        "--questions",
+        type=at_least(2),  # a fifth of them, at least one, are the selection rule's
+        default=None,
+        help="calibration capital questions (default: all)",
     )
     p.add_argument(
         "--surrogate-steps",

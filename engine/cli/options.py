@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,12 +11,20 @@ if TYPE_CHECKING:
     import torch
 
 
-def at_least_one(text: str) -> int:
-    """An argparse type: a count that must be >= 1 (0 would mean 'off' by accident)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a count that must be >= ``minimum``."""
+
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return count
+
+
+# most counts: 0 would mean 'off' by accident
+at_least_one = at_least(1)
 
 
 def positive(text: str) -> float:

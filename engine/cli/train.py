@@ -11,6 +11,7 @@ from pathlib import Path
 from cmiguard.cli.options import (
     DATA_HELP,
     DEVICE_HELP,
+    at_least,
     at_least_one,
     existing,
     model_args,
@@ -190,13 +191,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--validation-articles",
-        type=int,
+        type=at_least(0),
         default=16,
         help="later calibration summaries held out for the selection rule (with a fifth of "
         "the calibration questions)",
     )
     p.add_argument(
-        "--questions", type=int, default=None, help="calibration capital questions (default: all)"
+        "--questions",
+        type=at_least(2),  # a fifth of them, at least one, are the selection rule's
+        default=None,
+        help="calibration capital questions (default: all)",
     )
     p.add_argument(
         "--max-tokens", type=at_least_one, default=64, help="tokens per row (longer ones are cut)"

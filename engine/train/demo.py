@@ -74,7 +74,8 @@ def demo_data(tokenizer: Any, config: DemoConfig) -> tuple[list[Example], list[E
     n, v = config.calibration_articles, config.validation_articles
     articles = wiki_summaries("calibration", n + v)
     questions = capital_questions("calibration")[: config.questions]
-    cut = len(questions) - int(len(questions) * config.validation_questions)
+    # at least one validation question (with fewer than five, a fifth rounds to none)
+    cut = len(questions) - max(1, int(len(questions) * config.validation_questions))
     calibration = text_examples(tokenizer, articles[:n], config.max_tokens)
     calibration += mc_examples(tokenizer, questions[:cut])
     validation = text_examples(tokenizer, articles[n:], config.max_tokens) if v else []
