@@ -1,4 +1,5 @@
 import json
+import socket
 import subprocess
 import sys
 
@@ -335,6 +336,18 @@ def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):
     gone = str(tmp_path / "gone.safetensors")
     assert main(["fold", "--model", model, "--transform", gone, "--out", str(tmp_path / "f")]) == 2
     assert "transform file not found" in capsys.readouterr().err
+    # a port in use, or no port at all: named before the model loads (uvicorn's bind came after)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", model, "--unprotected", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+        assert "no-model" not in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--unprotected", "--port", "70000"])
+    assert "argument --port: must be in [0, 65535], got 70000" in capsys.readouterr().err
 
 
 def test_serve_takes_a_chat_template_for_a_base_model(tmp_path, teacher, capsys):

@@ -12,8 +12,31 @@ from cmiguard.cli.options import DEVICE_HELP, model_args, resolve_device
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    check_address(args.host, args.port)  # before the model loads, which takes minutes
     uvicorn.run(serve_app(args), host=args.host, port=args.port)
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address this server could not listen on (a port in use, a host
+    this machine does not have), as uvicorn would bind it (``SO_REUSEADDR``)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (0: any free one)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
 
 
 def serve_app(args: argparse.Namespace) -> Any:
@@ -99,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--name", default="smollm2-135m-cmiguard", help="the model id clients ask for")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    p.add_argument("--port", type=_port, default=8000, help="the port to listen on")
     p.add_argument(
         "--api-key",
         default=None,
