@@ -113,6 +113,17 @@ def test_bad_training_input():
             TrainConfig(**bad)
     with pytest.raises(ValueError, match=r"warmup is a share of the steps in \[0, 1\), got 1.5"):
         TrainConfig(warmup=1.5)
+    # a NaN weight trained a NaN loss and reported success
+    for name, value in (("lam", float("nan")), ("lambda_cmi", float("inf")), ("lambda_kl", -1.0)):
+        with pytest.raises(ValueError, match=f"{name} must be a finite weight >= 0, got {value}"):
+            TrainConfig(**{name: value})
+
+
+def test_a_diverged_run_is_said_to_have_diverged():
+    # it failed with "logits contain +inf", as if the teacher's logits were bad
+    config = TrainConfig(objective="cmi", rank=4, batch_size=5, lr=1e30, init_scale=0.1)
+    with pytest.raises(ValueError, match="training diverged: .* not finite \\(lower --lr\\)"):
+        train(config, tiny_model(96, seed=0), tiny_examples(), 0, progress=False)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cmiguard.checkpoint import (
@@ -105,6 +105,12 @@ class TrainConfig:
             )
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
+        # a NaN weight trained a NaN transform and reported success; a negative one
+        # raises what the defense lowers
+        for name in ("lam", "lambda_cmi", "lambda_ce", "lambda_kl"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite weight >= 0, got {value}")
         if self.family == "dense" and (self.init != "lora" or self.init_scale):
             raise ValueError("init and init_scale choose the low-rank factors: not for dense")
 
@@ -336,6 +342,16 @@ def _cosine(
     return float(cos.detach())
 
 
+def _check_finite(outputs: Tensor, loss: float, where: str) -> None:
+    """A diverged run is said as such (not later as "logits contain +inf" of
+    the outputs CMI is measured on)."""
+    if not math.isfinite(loss) or bool((outputs.isnan() | outputs.isposinf()).any()):
+        raise ValueError(
+            f"training diverged: the transform's outputs or its loss {where} are not finite "
+            "(lower --lr)"
+        )
+
+
 def validation_metrics(
     config: TrainConfig, transform: LogitTransform, held: RowSet, surrogate: nn.Module | None
 ) -> dict[str, Any]:
@@ -345,6 +361,7 @@ def validation_metrics(
     device = next(transform.parameters()).device
     with torch.no_grad():
         purified = purify(held.logits.to(device), transform).cpu()
+    _check_finite(purified, 0.0, "on the validation rows")
     raw, pur = scores(held, held.logits, with_cmi=False), scores(held, purified, with_cmi=False)
     out: dict[str, Any] = {
         "top1_agreement": float((purified.argmax(1) == held.logits.argmax(1)).float().mean()),
@@ -403,10 +420,12 @@ def _step(
             loss = loss + config.lambda_ce * u
             stats["ce"] = float(u.detach())
         stats["utility"] = stats.pop("ce")
+    value = float(loss.detach())
     with torch.no_grad():
         t = transform.apply_fp32(z)
+        _check_finite(t, value, f"at step {step}")
         stats["top1"] = float((t.argmax(-1) == z.argmax(-1)).float().mean())
-    return {"_loss": loss, "loss": float(loss.detach()), **stats}
+    return {"_loss": loss, "loss": value, **stats}
 
 
 def write_log(out: Path, history: list[dict], selections: list[dict]) -> None:
