@@ -167,7 +167,9 @@ def test_defense_names_are_checked():
         ("top1_only", "unknown defense"),
         ("soften@0.5", "must be > 1"),
         ("top_k@2.5", "an integer"),
-        ("noise@big", "needs a number"),
+        ("noise@big", "needs a finite number"),
+        ("noise@inf", "needs a finite number"),  # NaN outputs
+        ("soften@inf", "needs a finite number"),  # uniform outputs
         ("no_defense@1", "takes no knob"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -12,6 +12,7 @@ written before these names (``temperature``, ``top1_only``,
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -42,7 +43,9 @@ def parse(name: str) -> tuple[str, float | str | None]:
     try:
         value = float(knob)
     except ValueError:
-        raise ValueError(f"defense {name!r}: {family} needs a number, as in {family}@2") from None
+        value = math.nan
+    if not math.isfinite(value):  # soften@inf served uniform rows, noise@inf NaN ones
+        raise ValueError(f"defense {name!r}: {family} needs a finite number, as in {family}@2")
     ok = {
         "soften": value > 1,
         "sharpen": 0 < value < 1,
