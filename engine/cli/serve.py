@@ -19,14 +19,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def check_address(host: str, port: int) -> None:
     """Refuse an address this server could not listen on (a port in use, a host
-    this machine does not have), as uvicorn would bind it (``SO_REUSEADDR``)."""
+    this machine does not have), bound as uvicorn's ``bind_socket`` binds it
+    (IPv6 only for a host with a colon, so ``localhost`` needs no IPv6)."""
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(address)
+            s.bind((host, port))
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
