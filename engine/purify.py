@@ -117,6 +117,11 @@ class StreamingCentroids:
     """Per-label centroids kept across batches as an exponential moving average."""
 
     def __init__(self, vocab_size: int, momentum: float = 0.9) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        # 1 would never update (the first batch forever); above it, or below 0, diverges
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.vocab_size = vocab_size
         self.momentum = momentum
         self.centroids: dict[int, Tensor] = {}

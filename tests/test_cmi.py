@@ -64,9 +64,12 @@ def test_streaming_starts_exact_then_uses_moving_average():
     assert first.item() == pytest.approx(cmi(a, labels).item(), rel=1e-6)
     second = cmi(b, labels, estimator="streaming", state=state)
     p_b = torch.softmax(b, -1)
-    q = 0.5 * torch.softmax(a, -1).reshape(4, 2, 20).mean(1)  # after batch a: EMA = mean(a)
-    q = torch.softmax(a, -1).reshape(4, 2, 20).mean(1)
+    q = torch.softmax(a, -1).reshape(4, 2, 20).mean(1)  # after batch a: EMA = mean(a)
     want = (p_b * (p_b.log() - q.repeat_interleave(2, 0).log())).sum(-1).mean()
     assert second.item() == pytest.approx(want.item(), rel=1e-5)
     ema = 0.5 * q + 0.5 * p_b.reshape(4, 2, 20).mean(1)
     torch.testing.assert_close(state.centroids[0], ema[0])
+    # 1 kept the first batch forever; 1.5 or -1 diverged
+    for momentum in (1.0, 1.5, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+            StreamingCentroids(20, momentum=momentum)
