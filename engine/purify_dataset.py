@@ -38,6 +38,12 @@ def purify_dataset(
         raise ValueError(f"the dataset has no {column!r} column (it has {dataset.column_names})")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    # checked here, not as every batch's error; datasets reads batch_size <= 0 as
+    # the whole table in one batch, which this streaming function exists to avoid
+    if top_k is not None and not 1 <= top_k <= transform.vocab_size:
+        raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(transform.parameters()).device
     bar = tqdm(total=len(dataset), unit="row", desc="purify", disable=not progress)
 

@@ -210,6 +210,11 @@ def test_purify_dataset_matches_purify(tmp_path):
         purify_dataset(datasets.Dataset.from_dict({"logits": bad}), t, batch_size=16)
     with pytest.raises(ValueError, match="no 'values' column"):
         purify_dataset(table, t, column="values", progress=False)
+    # whole-table batches (datasets' reading of 0) and a bad top_k, named once before any batch
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        purify_dataset(table, t, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match=r"^top_k must be in \[1, 30\], got 31$"):
+        purify_dataset(table, t, top_k=31, progress=False)
 
 
 def test_a_providers_model_and_data_end_to_end(tmp_path, tokenizer_and_model, capsys):
