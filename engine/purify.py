@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -15,7 +13,13 @@ from cmiguard.kernels.reference import (
     purify_reference,
 )
 from cmiguard.transforms import LogitTransform
-from cmiguard.validation import check_device, check_labels, check_logits
+from cmiguard.validation import (
+    check_device,
+    check_labels,
+    check_logits,
+    check_min_count,
+    check_temperature,
+)
 
 OUTPUTS = ("logits", "logprobs")
 
@@ -44,9 +48,7 @@ def purify(
     check_device(logits, transform)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    tau = transform.temperature if temperature is None else float(temperature)
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {tau}")
+    tau = check_temperature(transform.temperature if temperature is None else temperature)
     if top_k is not None and not 1 <= top_k <= transform.vocab_size:
         raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
     flat = logits.reshape(-1, transform.vocab_size)
@@ -86,6 +88,8 @@ def cmi(
     check_labels(labels, flat.shape[0], flat.shape[-1])
     if estimator not in ("exact", "streaming"):
         raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
+    temperature = check_temperature(temperature)
+    check_min_count(min_count)
     log_q = None
     if estimator == "streaming":
         state = state if state is not None else StreamingCentroids(flat.shape[-1])

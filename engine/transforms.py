@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cmiguard.kernels.reference import affine_logits, argmax_guard
+from cmiguard.validation import check_temperature
 
 FAMILIES = ("lowrank", "diag_lowrank", "dense")
 # which factor of the low-rank part starts at zero: "lora" (A random, B = 0:
@@ -42,8 +43,7 @@ class LogitTransform(nn.Module):
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        check_temperature(temperature)
         if guard_margin is not None and not (math.isfinite(guard_margin) and guard_margin >= 0):
             raise ValueError(f"guard_margin must be finite and >= 0 (or None), got {guard_margin}")
         self.vocab_size = int(vocab_size)

@@ -48,6 +48,20 @@ def check_logits(
     return True
 
 
+def check_temperature(value: float) -> float:
+    """A temperature divides logits: finite and > 0 (0 and inf give NaN or uniform rows)."""
+    tau = float(value)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return tau
+
+
+def check_min_count(min_count: int) -> None:
+    """Rows whose label occurs fewer than ``min_count`` times are left out of CMI."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+
+
 def check_labels(labels: Tensor, n_rows: int, vocab_size: int, ignore_index: int = -100) -> None:
     """Labels must be int64 ``[N]`` in ``[0, V)`` or ``ignore_index``."""
     if not isinstance(labels, Tensor):

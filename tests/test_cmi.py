@@ -73,3 +73,21 @@ def test_streaming_starts_exact_then_uses_moving_average():
     for momentum in (1.0, 1.5, -1.0, float("nan")):
         with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
             StreamingCentroids(20, momentum=momentum)
+
+
+def test_a_temperature_or_min_count_that_means_nothing_is_refused():
+    # temperature 0, -1 or inf gave finite numbers (0 and inf the same one), min_count 0 a CMI
+    from cmiguard import LowRankTransform, anti_distillation_loss
+
+    z, labels = random_logits(8, 20), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    t = LowRankTransform(20, 2)
+    for tau in (0.0, -1.0, math.inf, math.nan):
+        for estimator in ("exact", "streaming"):
+            with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+                cmi(z, labels, estimator, temperature=tau)
+            with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+                anti_distillation_loss(z, labels, t, temperature=tau, estimator=estimator)
+    with pytest.raises(ValueError, match="min_count must be >= 1, got 0"):
+        cmi(z, labels, min_count=0)
+    with pytest.raises(ValueError, match="min_count must be >= 1, got -1"):
+        anti_distillation_loss(z, labels, t, min_count=-1)

@@ -17,7 +17,13 @@ from cmiguard.kernels import backend
 from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction
 from cmiguard.purify import StreamingCentroids
 from cmiguard.transforms import LogitTransform
-from cmiguard.validation import check_device, check_labels, check_logits
+from cmiguard.validation import (
+    check_device,
+    check_labels,
+    check_logits,
+    check_min_count,
+    check_temperature,
+)
 
 
 def _triton_objective(logits, labels, transform, estimator, state, lams):
@@ -100,6 +106,8 @@ def anti_distillation_loss(
     """
     if estimator not in ("exact", "streaming"):
         raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
+    temperature = check_temperature(temperature)
+    check_min_count(min_count)
     lams = (lambda_cmi, lambda_ce, lambda_kl, temperature, min_count)
     if backend(logits) == "triton":
         from cmiguard.kernels.objective_backward import fusable
