@@ -9,6 +9,7 @@ from cmiguard import (
     anti_distillation_loss,
     gradient_misalignment_loss,
 )
+from cmiguard.train.trainer import TrainConfig
 from tests.conftest import random_logits, trained_like
 
 
@@ -107,12 +108,22 @@ def test_misalignment_matches_closed_form():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_misalignment_checks_shapes():
+def test_misalignment_checks_shapes_and_alpha():
     h, w, probe = linear_surrogate(4, 9, 3)
     with pytest.raises(ValueError, match="surrogate logits"):
         gradient_misalignment_loss(
             random_logits(5, 9), torch.zeros(5, dtype=torch.long), LowRankTransform(9, 2), probe
         )
+    # at alpha 0 the cosine is 1 whatever the transform (no signal); past 1, SFT is negative
+    h, w, probe = linear_surrogate(5, 9, 3)
+    for alpha in (0.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match=r"alpha \(the KD share .*\) must be in \(0, 1\]"):
+            gradient_misalignment_loss(
+                random_logits(5, 9), torch.zeros(5, dtype=torch.long), LowRankTransform(9, 2),
+                probe, alpha=alpha,
+            )  # fmt: skip
+        with pytest.raises(ValueError, match="alpha"):
+            TrainConfig(alpha=alpha)
 
 
 def naive_cosine(z, labels, t_logits, probe, alpha):

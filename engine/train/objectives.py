@@ -202,6 +202,10 @@ def gradient_cosine(
     graph over ``[N, V]``. ``g′`` is linear in the purified probabilities, so
     with ``create_graph`` the cosine is differentiable in the transform.
     """
+    if not 0 < alpha <= 1:  # at 0 the student ignores the teacher: g = g′, the cosine is 1
+        raise ValueError(
+            f"alpha (the KD share of the student's loss) must be in (0, 1], got {alpha}"
+        )
     student = surrogate.logits()
     if student.shape != teacher_logits.shape:
         raise ValueError(
