@@ -35,6 +35,8 @@ def vocab_fingerprint(tokenizer: Any) -> str:
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
     path = Path(path)
+    if path.is_dir():  # os.replace's error would name the temporary file
+        raise IsADirectoryError(f"{path} is a directory, not a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -122,6 +122,13 @@ def test_integer_weights_are_refused(tmp_path):
         load_transform(path)
 
 
+def test_a_directory_is_not_overwritten_as_a_file(tmp_path):
+    # os.replace failed naming a temporary file in the directory's parent
+    with pytest.raises(IsADirectoryError, match=f"^{tmp_path} is a directory, not a file"):
+        save_transform(LowRankTransform(20, 2), tmp_path)
+    assert list(tmp_path.parent.glob(f".{tmp_path.name}.*")) == []
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "t.safetensors"
     save_transform(LowRankTransform(20, 2), path)
