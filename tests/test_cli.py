@@ -143,6 +143,14 @@ def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     assert main(["purify", *argv, "--out", str(tmp_path / "n")]) == 2
     assert f"{tmp_path / 'nan.npy'}, rows 4-7: logits contain NaN" in capsys.readouterr().err
     assert not (tmp_path / "n" / "nan.npy").exists()
+    # numpy's default float64, named by file before anything is written (it was torch's
+    # dtype error, with no file)
+    np.save(tmp_path / "f64.npy", np.zeros((3, 300)))
+    f64 = [str(tmp_path / "f64.npy"), "--transform", str(tpath), "--out", str(tmp_path / "d")]
+    assert main(["purify", *f64]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'f64.npy'} holds torch.float64 logits; purify takes float32" in err
+    assert not (tmp_path / "d").exists()
     # a 0 that would read as 'off' (top-k) or fail deep inside (block rows): refused up front
     purify = ["purify", shards[0], "--transform", str(tpath), "--out", str(out)]
     for flag, value, says in (

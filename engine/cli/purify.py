@@ -17,6 +17,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import load_transform
     from cmiguard.purify import purify
     from cmiguard.shards import LogitsShard, write_streamed
+    from cmiguard.validation import FLOAT_DTYPES
 
     device = resolve_device(args.device)
     transform = load_transform(args.transform).to(device)
@@ -53,6 +54,11 @@ def cmd_purify(args: argparse.Namespace) -> int:
     for shard in shards:
         if target(shard).resolve() == shard.path.resolve():
             raise ValueError(f"--out {out_dir} would overwrite the input {shard.path}")
+        if shard.dtype not in FLOAT_DTYPES:  # numpy's default float64, say
+            raise ValueError(
+                f"{shard.path} holds {shard.dtype} logits; purify takes float32, bfloat16 or "
+                "float16 (cast the array first, as numpy's astype(np.float32) does)"
+            )
         if shard.shape[1] != transform.vocab_size:
             raise ValueError(
                 f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="
