@@ -330,6 +330,8 @@ def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):
     for extra, says in (
         (["--cmiguard", f"hot={bad}"], "truncated or corrupt"),
         (["--cmiguard", "hot"], "--cmiguard takes LABEL=PATH, got 'hot'"),
+        (["--cmiguard", f"a,b={good}"], "--cmiguard label 'a,b' may not hold ',' or '@'"),
+        (["--cmiguard", f"x={good}", "--cmiguard", f"x={bad}"], "--cmiguard x is given twice"),
         (["--defenses", "no_defense,cmiguard@hot"], "'cmiguard@hot' needs --cmiguard hot=PATH"),
         (["--attacks", "forward_kl,wasserstein"], "unknown attack wasserstein"),
     ):

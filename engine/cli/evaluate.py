@@ -72,11 +72,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _labelled(items: Sequence[str]) -> dict[str, str]:
     """``--cmiguard LABEL=PATH`` items as ``{label: path}``."""
-    labelled = {}
+    labelled: dict[str, str] = {}
     for item in items:
         label, _, path = item.partition("=")
         if not (label and path):
             raise ValueError(f"--cmiguard takes LABEL=PATH, got {item!r}")
+        # --defenses splits on ',' and '@': such a label could never be named there
+        if "," in label or "@" in label:
+            raise ValueError(f"--cmiguard label {label!r} may not hold ',' or '@'")
+        if labelled.get(label, path) != path:
+            raise ValueError(f"--cmiguard {label} is given twice: {labelled[label]} and {path}")
         labelled[label] = path
     return labelled
 
