@@ -14,11 +14,12 @@ from cmiguard.kernels.reference import (
 )
 from cmiguard.transforms import LogitTransform
 from cmiguard.validation import (
+    check_cmi_options,
     check_device,
     check_labels,
     check_logits,
-    check_min_count,
     check_temperature,
+    check_top_k,
 )
 
 OUTPUTS = ("logits", "logprobs")
@@ -49,8 +50,7 @@ def purify(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     tau = check_temperature(transform.temperature if temperature is None else temperature)
-    if top_k is not None and not 1 <= top_k <= transform.vocab_size:
-        raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
+    check_top_k(top_k, transform.vocab_size)
     flat = logits.reshape(-1, transform.vocab_size)
     if backend(flat) == "triton":
         from cmiguard.kernels.purify import purify_triton
@@ -86,10 +86,7 @@ def cmi(
     check_logits(logits)
     flat = logits.reshape(-1, logits.shape[-1])
     check_labels(labels, flat.shape[0], flat.shape[-1])
-    if estimator not in ("exact", "streaming"):
-        raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
-    temperature = check_temperature(temperature)
-    check_min_count(min_count)
+    temperature = check_cmi_options(estimator, temperature, min_count)
     log_q = None
     if estimator == "streaming":
         state = state if state is not None else StreamingCentroids(flat.shape[-1])

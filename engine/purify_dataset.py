@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from cmiguard.purify import OUTPUTS, purify
 from cmiguard.transforms import LogitTransform
+from cmiguard.validation import check_top_k
 
 
 def purify_dataset(
@@ -40,8 +41,7 @@ def purify_dataset(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     # checked here, not as every batch's error; datasets reads batch_size <= 0 as
     # the whole table in one batch, which this streaming function exists to avoid
-    if top_k is not None and not 1 <= top_k <= transform.vocab_size:
-        raise ValueError(f"top_k must be in [1, {transform.vocab_size}], got {top_k}")
+    check_top_k(top_k, transform.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(transform.parameters()).device

@@ -56,10 +56,20 @@ def check_temperature(value: float) -> float:
     return tau
 
 
-def check_min_count(min_count: int) -> None:
-    """Rows whose label occurs fewer than ``min_count`` times are left out of CMI."""
+def check_cmi_options(estimator: str, temperature: float, min_count: int) -> float:
+    """What ``cmi`` and the objective take besides the rows; returns the temperature.
+    Rows whose label occurs fewer than ``min_count`` times are left out of CMI."""
+    if estimator not in ("exact", "streaming"):
+        raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
+    return check_temperature(temperature)
+
+
+def check_top_k(top_k: int | None, vocab_size: int) -> None:
+    """``top_k`` (None: the whole vocabulary) must be in ``[1, vocab_size]``."""
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, {vocab_size}], got {top_k}")
 
 
 def check_labels(labels: Tensor, n_rows: int, vocab_size: int, ignore_index: int = -100) -> None:

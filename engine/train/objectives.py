@@ -18,11 +18,10 @@ from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction
 from cmiguard.purify import StreamingCentroids
 from cmiguard.transforms import LogitTransform
 from cmiguard.validation import (
+    check_cmi_options,
     check_device,
     check_labels,
     check_logits,
-    check_min_count,
-    check_temperature,
 )
 
 
@@ -104,10 +103,7 @@ def anti_distillation_loss(
     ``exact``, the moving average in ``state`` for ``streaming``), ``CE`` is
     ``CE(T(z), y)`` and ``KL`` is ``KL(softmax(z) ‖ softmax(T(z)))``.
     """
-    if estimator not in ("exact", "streaming"):
-        raise ValueError(f"estimator must be 'exact' or 'streaming', got {estimator!r}")
-    temperature = check_temperature(temperature)
-    check_min_count(min_count)
+    temperature = check_cmi_options(estimator, temperature, min_count)
     lams = (lambda_cmi, lambda_ce, lambda_kl, temperature, min_count)
     if backend(logits) == "triton":
         from cmiguard.kernels.objective_backward import fusable
@@ -184,6 +180,15 @@ def utility_loss(t: Tensor, z: Tensor, labels: Tensor, kind: str = "ce") -> Tens
     return F.cross_entropy(t.float(), target, ignore_index=IGNORE_INDEX)
 
 
+def check_alpha(alpha: float) -> None:
+    """The KD share of the surrogate student's loss: in (0, 1]. At 0 the student
+    ignores the teacher, so g = g′ and the cosine is 1 whatever the transform."""
+    if not 0 < alpha <= 1:
+        raise ValueError(
+            f"alpha (the KD share of the student's loss) must be in (0, 1], got {alpha}"
+        )
+
+
 def gradient_cosine(
     teacher_logits: Tensor,
     transformed: Tensor,
@@ -202,10 +207,7 @@ def gradient_cosine(
     graph over ``[N, V]``. ``g′`` is linear in the purified probabilities, so
     with ``create_graph`` the cosine is differentiable in the transform.
     """
-    if not 0 < alpha <= 1:  # at 0 the student ignores the teacher: g = g′, the cosine is 1
-        raise ValueError(
-            f"alpha (the KD share of the student's loss) must be in (0, 1], got {alpha}"
-        )
+    check_alpha(alpha)
     student = surrogate.logits()
     if student.shape != teacher_logits.shape:
         raise ValueError(

@@ -39,6 +39,7 @@ from cmiguard.train.models import probe_from_residual
 from cmiguard.train.objectives import (
     UTILITIES,
     anti_distillation_loss,
+    check_alpha,
     gradient_cosine,
     gradient_misalignment_loss,
     utility_loss,
@@ -111,10 +112,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite weight >= 0, got {value}")
-        if not 0 < self.alpha <= 1:
-            raise ValueError(
-                f"alpha (the KD share of the student's loss) must be in (0, 1], got {self.alpha}"
-            )
+        check_alpha(self.alpha)
         if self.family == "dense" and (self.init != "lora" or self.init_scale):
             raise ValueError("init and init_scale choose the low-rank factors: not for dense")
 
