@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cmiguard.cli.options import at_least, at_least_one, model_args
+from cmiguard.cli.options import at_least_one, bundled_data_args, model_args
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -54,17 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """demo and its options."""
     p = sub.add_parser("demo", help="train on the real teacher and print held-out metrics")
     model_args(p)
-    p.add_argument(
-        "--articles", type=at_least_one, default=96, help="calibration Wikipedia summaries"
-    )
+    bundled_data_args(p)
     p.add_argument("--heldout-articles", type=at_least_one, default=32, help="held-out summaries")
     p.add_argument("--epochs", type=at_least_one, default=None, help="default: the measured best's")
-    p.add_argument(
-        "--questions",
-        type=at_least(2),  # a fifth of them, at least one, are the selection rule's
-        default=None,
-        help="calibration capital questions (default: all)",
-    )
     p.add_argument(
         "--surrogate-steps",
         type=at_least_one,

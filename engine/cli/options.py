@@ -53,6 +53,19 @@ DATA_HELP = (
 )
 
 
+def bundled_data_args(p: argparse.ArgumentParser) -> None:
+    """How much of the bundled calibration data ``train`` and ``demo`` use."""
+    p.add_argument(
+        "--articles", type=at_least_one, default=96, help="calibration Wikipedia summaries"
+    )
+    p.add_argument(
+        "--questions",
+        type=at_least(2),  # a fifth of them, at least one, are the selection rule's
+        default=None,
+        help="calibration capital questions (default: all)",
+    )
+
+
 def model_args(p: argparse.ArgumentParser) -> None:
     """--model and --dtype."""
     p.add_argument(

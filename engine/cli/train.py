@@ -13,6 +13,7 @@ from cmiguard.cli.options import (
     DEVICE_HELP,
     at_least,
     at_least_one,
+    bundled_data_args,
     existing,
     model_args,
     resolve_device,
@@ -186,21 +187,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_args(p)
     p.add_argument("--data", type=existing, default=None, help=DATA_HELP)
     _train_args(p)
-    p.add_argument(
-        "--articles", type=at_least_one, default=96, help="calibration Wikipedia summaries"
-    )
+    bundled_data_args(p)
     p.add_argument(
         "--validation-articles",
         type=at_least(0),
         default=16,
         help="later calibration summaries held out for the selection rule (with a fifth of "
         "the calibration questions)",
-    )
-    p.add_argument(
-        "--questions",
-        type=at_least(2),  # a fifth of them, at least one, are the selection rule's
-        default=None,
-        help="calibration capital questions (default: all)",
     )
     p.add_argument(
         "--max-tokens", type=at_least_one, default=64, help="tokens per row (longer ones are cut)"
