@@ -38,7 +38,7 @@ def test_purify_streams_npy_and_safetensors(tmp_path, transform_file):
     torch.testing.assert_close(got2, purify(z2, t, output="logprobs"))
 
 
-def test_purify_top_k(tmp_path, transform_file):
+def test_purify_top_k(tmp_path, transform_file, capsys):
     t, tpath = transform_file
     z = random_logits(11, 300)
     save_file({"logits": z}, tmp_path / "z.safetensors")
@@ -62,6 +62,7 @@ def test_purify_top_k(tmp_path, transform_file):
     empty = load_file(tmp_path / "npy" / "empty.safetensors")
     assert empty["values"].shape == empty["ids"].shape == (0, 5)
     assert main([*argv[:-4], "--top-k", "301", "--out", str(tmp_path / "big")]) == 2
+    assert "top_k must be in [1, 300], got 301" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
 
 

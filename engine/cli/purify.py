@@ -17,7 +17,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import load_transform
     from cmiguard.purify import purify
     from cmiguard.shards import LogitsShard, write_streamed
-    from cmiguard.validation import FLOAT_DTYPES
+    from cmiguard.validation import FLOAT_DTYPES, check_top_k
 
     device = resolve_device(args.device)
     transform = load_transform(args.transform).to(device)
@@ -49,8 +49,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"inputs would share output names {twice} in {out_dir}")
-    if args.top_k is not None and args.top_k > transform.vocab_size:
-        raise ValueError(f"--top-k {args.top_k} is over the vocabulary ({transform.vocab_size})")
+    check_top_k(args.top_k, transform.vocab_size)
     for shard in shards:
         if target(shard).resolve() == shard.path.resolve():
             raise ValueError(f"--out {out_dir} would overwrite the input {shard.path}")
