@@ -217,6 +217,43 @@ def test_purify_dataset_matches_purify(tmp_path):
         purify_dataset(table, t, top_k=31, progress=False)
 
 
+def test_rows_past_the_models_positions_are_named_before_anything_runs(
+    tmp_path, tokenizer_and_model, capsys
+):
+    """The GPT-2 takes 256 positions: a longer row used to end training (or an
+    evaluation, after its demo transform had trained) in an IndexError from
+    the position embedding."""
+    model_dir = str(tokenizer_and_model)
+    long_prompt = " ".join(TEXTS * 6)  # about 400 of this vocabulary's tokens
+    rows = [{"prompt": t, "answer": t} for t in TEXTS * 2]
+    rows[5] = {"prompt": long_prompt, "answer": "The river."}
+    answers = str(write_jsonl(tmp_path / "answers.jsonl", rows))
+    texts = str(write_jsonl(tmp_path / "texts.jsonl", [{"text": long_prompt}] * 8))
+    train = ["train", "--model", model_dir, "--objective", "cmi", "--stop-after", "1"]
+    evaluate = ["evaluate", "--model", model_dir, "--quick"]
+    shorten = "answers.jsonl: row 5 is"
+    cases = [
+        ([*train, "--data", answers, "--out", str(tmp_path / "a")], shorten, "shorten its prompt"),
+        ([*evaluate, "--data", answers, "--out", str(tmp_path / "b")], shorten, "shorten its"),
+        (
+            [*train, "--data", texts, "--max-tokens", "300", "--out", str(tmp_path / "c")],
+            "texts.jsonl: row 0 is cut at 300 tokens",
+            "cut rows at 256 tokens or fewer",
+        ),
+    ]
+    for argv, where, fix in cases:
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert where in error and "past the model's 256 positions" in error and fix in error
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing trained, nothing written
+    # the fix each message gives works
+    _, tokenizer = load_model(model_dir)
+    n = len(tokenizer.encode(long_prompt, add_special_tokens=False))
+    assert n > 256
+    cal, held = load_examples(texts, tokenizer, max_tokens=256, context=256)
+    assert max(len(e.input_ids) for e in cal + held) == 256
+
+
 def test_a_providers_model_and_data_end_to_end(tmp_path, tokenizer_and_model, capsys):
     """train → evaluate --quick → fold → serve → the openai client, on a GPT-2
     with its own 700-token vocabulary and a JSONL file."""

@@ -17,7 +17,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cmiguard.train.corpus import load_examples
     from cmiguard.train.data import capital_choices, choice_questions, text_examples, wiki_summaries
     from cmiguard.train.demo import DemoConfig, run_demo
-    from cmiguard.train.models import load_model
+    from cmiguard.train.models import context_window, load_model
 
     # every name and file is checked before the model loads and a demo transform trains
     out = Path(args.out)
@@ -42,6 +42,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"defense {name!r} needs --cmiguard {knob}=PATH")
 
     teacher, tokenizer = load_model(args.model, args.dtype)
+    choices = []
+    if args.data:  # a provider's rows, read before a demo transform trains: students learn on
+        # one share and are scored on the other
+        calibration, heldout = load_examples(
+            args.data, tokenizer, 64, context=context_window(teacher)
+        )  # train's split
+        if not heldout:
+            raise ValueError(f"{args.data}: no held-out rows to score students on")
+    else:
+        calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
+        heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
+        choices = choice_questions(tokenizer, capital_choices("heldout"))
     if args.transform is None:
         args.transform = out / "transform.safetensors"
         if not args.transform.exists():  # a resumed run keeps the transform it started with
@@ -51,15 +63,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     transforms = {"cmiguard": load_transform(args.transform, vocab, fingerprint)}
     for label, path in labelled.items():
         transforms[f"cmiguard@{label}"] = load_transform(path, vocab, fingerprint)
-    choices = []
-    if args.data:  # a provider's rows: students learn on one share and are scored on the other
-        calibration, heldout = load_examples(args.data, tokenizer, 64)  # train's split
-        if not heldout:
-            raise ValueError(f"{args.data}: no held-out rows to score students on")
-    else:
-        calibration = text_examples(tokenizer, wiki_summaries("calibration", articles), 64)
-        heldout = text_examples(tokenizer, wiki_summaries("heldout", held), 64)
-        choices = choice_questions(tokenizer, capital_choices("heldout"))
     results = evaluate(
         teacher, transforms, calibration, heldout, tokenizer.pad_token_id, config, out, choices
     )

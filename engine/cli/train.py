@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import vocab_fingerprint
     from cmiguard.train.corpus import load_examples, split_validation
     from cmiguard.train.demo import DemoConfig, demo_data
-    from cmiguard.train.models import load_model
+    from cmiguard.train.models import context_window, load_model
     from cmiguard.train.surrogate import make_surrogate
     from cmiguard.train.trainer import train
 
@@ -147,7 +147,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     teacher, tokenizer = load_model(args.model, args.dtype, device)
     if args.data:  # a provider's rows: the held-out ones stay unseen (evaluate scores on them;
         # their split is the same for every --seed, so train's and evaluate's agree)
-        calibration, _ = load_examples(args.data, tokenizer, args.max_tokens)
+        calibration, _ = load_examples(
+            args.data, tokenizer, args.max_tokens, context=context_window(teacher)
+        )
         examples, validation = split_validation(calibration, seed=args.seed)
     else:
         data = DemoConfig(

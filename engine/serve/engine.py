@@ -30,6 +30,7 @@ from cmiguard.serve.metrics import ServerMetrics
 from cmiguard.serve.protocol import ApiError
 from cmiguard.serve.replies import Reply
 from cmiguard.serve.token_bytes import token_bytes_of
+from cmiguard.train.models import context_window
 from cmiguard.transforms import LogitTransform
 
 log = logging.getLogger(__name__)
@@ -172,17 +173,6 @@ class ServerConfig:
         for name in ("timeout_s", "body_timeout_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a positive number of seconds")
-
-
-def context_window(model: nn.Module) -> int | None:
-    """The most positions the model takes, prompt and reply together, when its
-    config says (learned position embeddings fail past it; RoPE degrades)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class Engine:

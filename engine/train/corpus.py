@@ -82,10 +82,12 @@ def load_examples(
     heldout: float = 0.2,
     seed: int = 0,
     limit: int | None = None,
+    context: int | None = None,
 ) -> tuple[list[Example], list[Example]]:
     """``(calibration, held-out)`` examples from a provider's file (see the module
-    docstring). Errors name the file, the row and the column; a dataset whose
-    calibration rows repeat no label is refused (the CMI estimate needs them)."""
+    docstring). Errors name the file, the row and the column; a row longer than
+    ``context`` (the model's positions) and a dataset whose calibration rows
+    repeat no label are refused (the CMI estimate needs them)."""
     path = Path(path)
     table = read_table(path)
     columns = set(table.column_names)
@@ -118,6 +120,8 @@ def load_examples(
         )
         if example is None:
             continue
+        if context is not None and len(example.input_ids) > context:
+            raise ValueError(_too_long(path, index, example, max_tokens, context))
         out = (
             str(row["split"]).lower() in HELDOUT_VALUES
             if split
@@ -132,6 +136,27 @@ def load_examples(
             "is zero by construction; give more (or longer) rows"
         )
     return calibration, held
+
+
+def _too_long(path: Path, index: int, example: Example, max_tokens: int, context: int) -> str:
+    """Why a row cannot go through the model: learned position embeddings fail
+    past ``context`` and rotary ones degrade, so it is refused, not cut."""
+    n = len(example.input_ids)
+    if example.kind == "text":  # text rows are cut at max_tokens: only that can pass context
+        return (
+            f"{path}: row {index} is cut at {max_tokens} tokens, past the model's {context} "
+            f"positions: cut rows at {context} tokens or fewer (--max-tokens)"
+        )
+    answer = len(example.labels)
+    fix = (
+        f"shorten its prompt to {context - answer} tokens or fewer"
+        if answer < context
+        else f"cut answers at {context - 1} tokens or fewer (--max-tokens)"
+    )
+    return (
+        f"{path}: row {index} is {n} tokens (prompt {n - answer}, answer {answer} cut at "
+        f"{max_tokens}), past the model's {context} positions: {fix}"
+    )
 
 
 def text_example(tokenizer: Any, text: str, max_tokens: int) -> Example | None:

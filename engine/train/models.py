@@ -196,6 +196,17 @@ def tiny_model(vocab_size: int = 512, arch: str = "llama", seed: int = 0) -> nn.
     return model.eval()
 
 
+def context_window(model: nn.Module) -> int | None:
+    """The most positions the model takes, prompt and reply together, when its
+    config says (learned position embeddings fail past it; RoPE degrades)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def hidden_rows(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
 ) -> Tensor:
