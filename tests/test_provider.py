@@ -94,6 +94,13 @@ def test_text_and_answer_rows_in_every_format(tmp_path, teacher):
     assert e.labels == answer and e.input_ids[-len(answer) :] == answer
     assert e.positions == list(range(len(e.input_ids) - len(answer) - 1, len(e.input_ids) - 1))
     assert "<|im_start|>" in tokenizer.decode(e.input_ids)  # the chat template wraps the prompt
+    # the usual spellings hold out; a misspelt value would have been trained on
+    qa[1]["split"], qa[2]["split"], qa[3]["split"] = " Dev ", "TEST", "train"
+    cal_qa, held_qa = load_examples(write_jsonl(tmp_path / "qa.jsonl", qa), tokenizer)
+    assert len(held_qa) == 3 and len(cal_qa) == 5
+    qa[4]["split"] = "heldot"
+    with pytest.raises(ValueError, match="qa.jsonl: row 4 has split 'heldot'; held-out rows"):
+        load_examples(write_jsonl(tmp_path / "qa.jsonl", qa), tokenizer)
 
 
 def test_selection_rows_come_from_the_calibration_share(tmp_path, teacher):

@@ -48,7 +48,8 @@ DATA_HELP = (
     "your rows instead of the bundled Wikipedia/geography ones: .jsonl, .json, .parquet, "
     ".csv or a saved datasets directory, with a 'text' column (next-token rows) or "
     "'prompt' and 'answer' columns (the answer teacher-forced); an optional 'split' column "
-    "('heldout', 'test', 'validation' or 'eval' rows are held out, else a fixed hashed fifth); "
+    "('heldout', 'test', 'validation', 'dev' or 'eval' rows are held out, 'train' rows and "
+    "rows without one are not; else a fixed hashed fifth); "
     "train never sees the held-out rows and selects on a --seed'ed fifth of the others"
 )
 

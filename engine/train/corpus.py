@@ -7,8 +7,9 @@ position labelled with the next token (as the bundled Wikipedia rows). Or
 ``prompt`` and ``answer`` columns: the answer teacher-forced after the
 prompt (through the tokenizer's chat template when it has one), each answer
 token a labelled row. The split into calibration and held-out rows is by a
-seeded hash of the row index, or by a ``split`` column (``heldout``, ``test``,
-``validation`` and ``eval`` rows are held out).
+seeded hash of the row index, or by a ``split`` column: ``heldout``, ``test``,
+``validation``, ``dev`` or ``eval`` rows (and their usual spellings) are held
+out; ``train`` or ``calibration`` rows, and rows without one, are not.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any
 
 from cmiguard.train.data import Example, label_counts
 
-HELDOUT_VALUES = ("heldout", "held-out", "test", "validation", "eval")
+# a split column's values (case and spaces aside); anything else is refused
+HELDOUT_VALUES = ("heldout", "held-out", "holdout", "test", "validation", "val", "dev", "eval")
+CALIBRATION_VALUES = ("train", "training", "calibration", "")
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -66,6 +69,18 @@ def read_table(path: str | Path) -> Any:
 def _held_out(index: int, fraction: float, seed: int) -> bool:
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def _split(value: Any, index: int, path: Path) -> bool:
+    """Whether a row's ``split`` value holds it out; an unknown value is refused,
+    since a misspelt held-out row would otherwise be trained on."""
+    name = "" if value is None else str(value).strip().lower()
+    if name in HELDOUT_VALUES or name in CALIBRATION_VALUES:
+        return name in HELDOUT_VALUES
+    raise ValueError(
+        f"{path}: row {index} has split {value!r}; held-out rows say one of "
+        f"{', '.join(HELDOUT_VALUES)}, the others {', '.join(CALIBRATION_VALUES[:-1])} or nothing"
+    )
 
 
 def _text(row: dict, column: str, index: int, path: Path) -> str:
@@ -122,11 +137,7 @@ def load_examples(
             continue
         if context is not None and len(example.input_ids) > context:
             raise ValueError(_too_long(path, index, example, max_tokens, context))
-        out = (
-            str(row["split"]).lower() in HELDOUT_VALUES
-            if split
-            else _held_out(index, heldout, seed)
-        )
+        out = _split(row["split"], index, path) if split else _held_out(index, heldout, seed)
         (held if out else calibration).append(example)
     if not calibration:
         raise ValueError(f"{path}: no calibration rows with at least two tokens")
