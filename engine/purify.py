@@ -38,6 +38,8 @@ def purify(
     A guarded transform (``guard_margin``) keeps every row's raw argmax on top.
     With ``top_k`` returns ``(values, token_ids)`` of the k largest entries
     only, as a logprobs API does, without materialising the full output.
+    It serves outputs: no gradient flows back (``transform(logits)`` is the
+    differentiable map).
     """
     check_logits(logits, transform.vocab_size, scan=False)  # type and shape
     params = {

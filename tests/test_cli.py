@@ -406,6 +406,10 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "rows read, purified and written at a time (default: 1024)" in text
     assert "in place of the transform's own" in text and "(default: None)" not in text
+    with pytest.raises(SystemExit):  # a flag's default would read as the flag being on
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "teacher-forced) --chat-template" in text and "(default: True)" not in text
     # a count of 0 trains or scores nothing: refused by name before any model loads
     for argv in (["evaluate", "--steps", "0"], ["train", "--out", "x", "--epochs", "0"],
                  ["demo", "--heldout-articles", "0"]):  # fmt: skip

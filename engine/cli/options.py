@@ -103,6 +103,8 @@ class Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        flag = action.nargs == 0  # --no-echo's default (True) would read as "on by default"
+        worth = action.default not in (None, False, argparse.SUPPRESS) and not flag
+        if worth and "default" not in text:
             text += " (default: %(default)s)"
         return text
