@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from cmiguard import LowRankTransform, purify, save_transform
 from cmiguard.cli import main
+from cmiguard.cli.options import folder
 from tests.conftest import random_logits, trained_like
 
 
@@ -428,6 +429,26 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
         with pytest.raises(SystemExit):
             main([*command, "--data", "nope.jsonl"])
         assert "argument --data: no such file or directory: nope.jsonl" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    """train and demo used to train, then fail on mkdir with a traceback."""
+    taken = tmp_path / "taken"
+    taken.write_text("someone's notes")
+    commands = [["train"], ["evaluate"], ["demo"], ["fold", "--transform", "t"]]
+    commands += [["purify", "--transform", "t", "x.npy"]]
+    for command in commands:
+        for out in (taken, taken / "below"):
+            with pytest.raises(SystemExit):
+                main([*command, "--out", str(out)])
+            assert f"argument --out: {taken} exists and is not a directory" in (
+                capsys.readouterr().err
+            )
+    with pytest.raises(SystemExit):
+        main(["export-teacher", str(taken)])
+    assert "argument out: " in capsys.readouterr().err
+    assert taken.read_text() == "someone's notes"
+    assert folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
 
 
 def test_fold_never_overwrites_what_it_would_not_rewrite(tmp_path, teacher, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cmiguard.cli.options import at_least_one, bundled_data_args, model_args
+from cmiguard.cli.options import at_least_one, bundled_data_args, folder, model_args
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -63,6 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=60,
         help="the surrogate student's distillation steps",
     )
-    p.add_argument("--out", default=None, help="also save the transform here")
+    p.add_argument("--out", type=folder, default=None, help="also save the transform here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_demo)

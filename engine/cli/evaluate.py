@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cmiguard.cli.options import DATA_HELP, at_least_one, existing, model_args
+from cmiguard.cli.options import DATA_HELP, at_least_one, existing, folder, model_args
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -138,6 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--autocast", action="store_true", help="students in bf16 autocast (faster on CPUs with it)"
     )
-    p.add_argument("--out", default="runs/evaluate", help="a rerun into the same folder resumes")
+    p.add_argument(
+        "--out", type=folder, default="runs/evaluate", help="a rerun into the same folder resumes"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)

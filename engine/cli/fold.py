@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmiguard.cli.options import model_args
+from cmiguard.cli.options import folder, model_args
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
@@ -55,11 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--transform", required=True, help="a transform file written by train (without a guard)"
     )
-    p.add_argument("--out", required=True, help="the folded model's directory")
+    p.add_argument("--out", type=folder, required=True, help="the folded model's directory")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser(
         "export-teacher", help="write the bundled teacher as a plain Hugging Face model directory"
     )
-    p.add_argument("out", help="the directory to write")
+    p.add_argument("out", type=folder, help="the directory to write")
     p.set_defaults(func=cmd_export_teacher)

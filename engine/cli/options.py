@@ -42,6 +42,17 @@ def existing(text: str) -> str:
     return text
 
 
+def folder(text: str) -> str:
+    """An argparse type: a folder to write into, refused before any model loads
+    or step runs when it (or a folder above it) is an existing file."""
+    for path in (Path(text), *Path(text).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise argparse.ArgumentTypeError(f"{path} exists and is not a directory")
+            break
+    return text
+
+
 DEVICE_HELP = "where to run: auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1"
 
 DATA_HELP = (

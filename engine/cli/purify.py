@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cmiguard.cli.options import DEVICE_HELP, at_least_one, positive, resolve_device
+from cmiguard.cli.options import DEVICE_HELP, at_least_one, folder, positive, resolve_device
 
 
 def cmd_purify(args: argparse.Namespace) -> int:
@@ -95,6 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transform", required=True, help="a transform file written by train")
     p.add_argument(
         "--out",
+        type=folder,
         required=True,
         help="output folder: the same file names (top-k of a .npy shard: NAME.safetensors)",
     )

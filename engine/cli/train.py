@@ -15,6 +15,7 @@ from cmiguard.cli.options import (
     at_least_one,
     bundled_data_args,
     existing,
+    folder,
     model_args,
     resolve_device,
 )
@@ -207,7 +208,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--surrogate-steps", type=at_least_one, default=60, help="its distillation steps"
     )
     p.add_argument(
-        "--out", required=True, help="folder for checkpoint.pt and transform.safetensors"
+        "--out",
+        type=folder,
+        required=True,
+        help="folder for checkpoint.pt and transform.safetensors",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument(
