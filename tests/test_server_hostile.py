@@ -90,7 +90,8 @@ LONE = "\ud800"  # a lone UTF-16 surrogate: JSON carries it, UTF-8 cannot
         ("/v1/completions", ASK | {"seed": 2**64}, "seed"),
         ("/v1/completions", ASK | {"seed": -(10**30)}, "seed"),
         ("/v1/completions", ASK | {"prompt": "a" + LONE}, "prompt"),
-        ("/v1/completions", ASK | {"stop": ["ok", "b" + LONE]}, "stop"),
+        ("/v1/completions", ASK | {"stop": ["ok", "b" + LONE]}, "stop.1"),
+        ("/v1/completions", ASK | {"stop": ["ok", ""]}, "stop.1"),  # not "should be a string"
         ("/v1/completions", ASK | {"stop": "x" * 257}, "stop"),
         ("/v1/completions", ASK | {"top_k": 5}, "top_k"),
         ("/v1/completions", ASK | {"min_p": 0.1}, "min_p"),

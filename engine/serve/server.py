@@ -91,7 +91,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        # a union reports each member it tried: the deepest error went furthest into
+        # the value (["", "x"] as stop: its item 0 is empty, not "not a string")
+        first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
         loc = first.get("loc", ())
         where = _field_path(loc)
         what = first.get("msg", "").removeprefix("Value error, ")
@@ -433,14 +435,12 @@ _UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _field_path(loc: tuple) -> str:
-    """``prompt``, ``messages.0.content``: an error's field, without the union
-    members pydantic tried (``function-after[...]``, ``list[int]``)."""
+    """``stop.0``, ``messages.0.content``: an error's field, without the names of
+    the union members pydantic tried (``function-after[...]``, ``list[int]``)."""
     parts = []
     for part in loc[1:] if loc[:1] == ("body",) else loc:
         if isinstance(part, int) or (part.isidentifier() and part not in _UNION_MEMBERS):
             parts.append(str(part))
-        else:
-            break
     return ".".join(parts)
 
 
