@@ -138,8 +138,10 @@ def test_a_tiny_temperature_is_greedy(http):
 
 
 def test_routes_and_errors_speak_openai(http):
-    assert_openai_error(http.get("/v1/nowhere", headers=AUTH), 404)
-    assert_openai_error(http.get("/v1/completions", headers=AUTH), 405)
+    assert_openai_error(r := post(http, "/v1/responses", {"input": "hi"}), 404)
+    assert "no route /v1/responses: this server serves POST /v1/completions" in r.text
+    assert_openai_error(r := http.get("/v1/completions", headers=AUTH), 405)
+    assert "GET is not allowed on /v1/completions" in r.text
     assert_openai_error(post(http, "/v1/completions", b"{not json"), 400)
     assert_openai_error(post(http, "/v1/completions", b"[1, 2]"), 400)
     assert http.get("/health").json()["status"] == "ok"  # no key needed

@@ -77,11 +77,17 @@ def create_app(
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            ApiError(exc.status_code, str(exc.detail), code).body(), exc.status_code
-        )
+        message = str(exc.detail)
+        if exc.status_code == 404:  # the Responses API or embeddings, say: name what is served
+            message = (
+                f"no route {request.url.path}: this server serves POST /v1/completions and "
+                "/v1/chat/completions, GET /v1/models"
+            )
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse(ApiError(exc.status_code, message, code).body(), exc.status_code)
 
     @app.exception_handler(Exception)
     async def failed(_: Request, exc: Exception) -> JSONResponse:
