@@ -227,10 +227,16 @@ def train(
     digest = rows_digest([*examples, *validation])
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        if state["config"] != asdict(config):
+        saved, given = state["config"], asdict(config)
+        if saved != given:  # name what differs, not the whole configuration
+            changed = ", ".join(
+                f"{k}={saved.get(k)!r} (given {given.get(k)!r})"
+                for k in sorted(saved.keys() | given.keys())
+                if saved.get(k) != given.get(k)
+            )
             raise ValueError(
-                f"{ckpt_path} was written with another configuration; resume needs the same "
-                f"settings (saved: {state['config']})"
+                f"{ckpt_path} was written with other settings: {changed}; resume needs the "
+                "same (or choose another output folder)"
             )
         if state.get("rows_digest", digest) != digest:  # (checkpoints before 2026-12-07 have none)
             raise ValueError(
