@@ -261,3 +261,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable training checkpoint: {exc}") from exc
+
+
+def changed_settings(saved: dict[str, Any], given: dict[str, Any]) -> str:
+    """``lr=1e-05 (given 0.001), seed=0 (given 3)``: what a resumed run would
+    change, so a refusal names it rather than printing both configurations."""
+    return ", ".join(
+        f"{k}={saved.get(k)!r} (given {given.get(k)!r})"
+        for k in sorted(saved.keys() | given.keys())
+        if saved.get(k) != given.get(k)
+    )

@@ -32,6 +32,7 @@ from cmiguard.attack.adaptive import (
 )
 from cmiguard.attack.defenses import DEFENSES, defense_fn, describe, keep_top
 from cmiguard.attack.losses import DIVERGENCES, distillation_loss
+from cmiguard.checkpoint import changed_settings
 from cmiguard.kernels.reference import IGNORE_INDEX
 from cmiguard.purify import cmi
 from cmiguard.tempering import fit_temperature, retemper
@@ -339,8 +340,9 @@ def _resume(
         raise ValueError(f"{state} is not a readable evaluation ({err}); delete it") from err
     if old.get("config") != fresh["config"]:
         raise ValueError(
-            f"{state} holds a run with a different config ({old.get('config')} vs "
-            f"{fresh['config']}); delete it or choose another output folder"
+            f"{state} holds a run with other settings: "
+            f"{changed_settings(old.get('config') or {}, fresh['config'])}; delete it or choose "
+            "another output folder"
         )
     if old.setdefault("rows_digest", digest) != digest:  # (none before 2026-12-07)
         raise ValueError(

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from cmiguard.checkpoint import (
     atomic_write,
+    changed_settings,
     load_checkpoint,
     save_checkpoint,
     save_transform,
@@ -227,16 +228,11 @@ def train(
     digest = rows_digest([*examples, *validation])
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        saved, given = state["config"], asdict(config)
-        if saved != given:  # name what differs, not the whole configuration
-            changed = ", ".join(
-                f"{k}={saved.get(k)!r} (given {given.get(k)!r})"
-                for k in sorted(saved.keys() | given.keys())
-                if saved.get(k) != given.get(k)
-            )
+        if state["config"] != asdict(config):
             raise ValueError(
-                f"{ckpt_path} was written with other settings: {changed}; resume needs the "
-                "same (or choose another output folder)"
+                f"{ckpt_path} was written with other settings: "
+                f"{changed_settings(state['config'], asdict(config))}; resume needs the same "
+                "(or choose another output folder)"
             )
         if state.get("rows_digest", digest) != digest:  # (checkpoints before 2026-12-07 have none)
             raise ValueError(
