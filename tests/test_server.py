@@ -136,6 +136,10 @@ def test_chat_takes_content_parts_and_the_developer_role(server):
     error = refused.value.body
     assert "part 1 has type 'image_url'" in error["message"]
     assert error["param"] == "messages.0.content"
+    for content in (None, 5):  # was "Input should be a valid string", as if parts were not taken
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
+        assert "content must be a string or a list of text parts" in refused.value.body["message"]
 
 
 def test_stop_sequences_through_the_api(server):

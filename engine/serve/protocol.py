@@ -174,8 +174,10 @@ def _content_text(content: Any) -> Any:
     """OpenAI's content parts (what its newer clients send) as one string, the
     text parts joined by newlines as vLLM joins them; any other part is refused
     by its type."""
+    if isinstance(content, str):
+        return content  # checked as Text
     if not isinstance(content, list):
-        return content  # a string, checked as Text
+        raise ValueError("must be a string or a list of text parts")
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
