@@ -30,7 +30,14 @@ class LogitsShard:
             except Exception as exc:
                 raise ValueError(f"{self.path} is not a readable .npy file: {exc}") from exc
             self.shape = tuple(self._array.shape)
-            self.dtype = torch.from_numpy(np.empty(0, dtype=self._array.dtype)).dtype
+            # big-endian arrays (">f4") are read in the machine's byte order
+            self._native = self._array.dtype.newbyteorder("=")
+            try:
+                self.dtype = torch.from_numpy(np.empty(0, dtype=self._native)).dtype
+            except TypeError as exc:
+                raise ValueError(
+                    f"{self.path} holds {self._array.dtype} values, not logits: {exc}"
+                ) from exc
         elif self.path.suffix == ".safetensors":
             try:
                 self._file = safe_open(str(self.path), framework="pt")
@@ -56,7 +63,7 @@ class LogitsShard:
         for start in range(0, self.shape[0], rows):
             stop = min(start + rows, self.shape[0])
             if self.path.suffix == ".npy":
-                yield torch.from_numpy(np.array(self._array[start:stop]))
+                yield torch.from_numpy(np.array(self._array[start:stop], dtype=self._native))
             else:
                 yield self._slice[start:stop]
 

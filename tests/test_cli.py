@@ -153,6 +153,18 @@ def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'f64.npy'} holds torch.float64 logits; purify takes float32" in err
     assert not (tmp_path / "d").exists()
+    # a big-endian array (">f4", as some writers save) is read, not refused by torch unnamed
+    logits = np.random.default_rng(0).standard_normal((5, 300)).astype(np.float32)
+    np.save(tmp_path / "native.npy", logits)
+    np.save(tmp_path / "big.npy", logits.astype(">f4"))
+    both = [str(tmp_path / "native.npy"), str(tmp_path / "big.npy")]
+    assert main(["purify", *both, "--transform", str(tpath), "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert np.array_equal(np.load(tmp_path / "e" / "big.npy"), np.load(tmp_path / "e/native.npy"))
+    np.save(tmp_path / "words.npy", np.array([["a", "b"]]))
+    words = [str(tmp_path / "words.npy"), "--transform", str(tpath), "--out", str(tmp_path / "d")]
+    assert main(["purify", *words]) == 2
+    assert f"{tmp_path / 'words.npy'} holds <U1 values, not logits" in capsys.readouterr().err
     # a 0 that would read as 'off' (top-k) or fail deep inside (block rows): refused up front
     purify = ["purify", shards[0], "--transform", str(tpath), "--out", str(out)]
     for flag, value, says in (
