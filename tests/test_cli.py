@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from cmiguard import LowRankTransform, purify, save_transform
 from cmiguard.cli import main
 from cmiguard.cli.options import folder
+from cmiguard.serve.engine import ServerConfig
 from tests.conftest import random_logits, trained_like
 
 
@@ -287,7 +288,7 @@ def test_evaluate_on_the_real_teacher_writes_the_report_and_resumes(tmp_path, te
     assert "the soften knob must be > 1" in capsys.readouterr().err
 
 
-def test_serve_app_from_the_command_line(tmp_path, teacher):
+def test_serve_app_from_the_command_line(tmp_path, teacher, monkeypatch):
     """``cmiguard serve``'s app: a saved model, a transform file, --temperature, --no-echo."""
     from fastapi.testclient import TestClient
 
@@ -324,6 +325,31 @@ def test_serve_app_from_the_command_line(tmp_path, teacher):
     with TestClient(serve_app(build_parser().parse_args([*argv, "--no-echo"]))) as http:
         assert http.post("/v1/completions", json=body).status_code == 400
     assert main(["serve", "--unprotected", "--temperature", "2"]) == 2
+    monkeypatch.setenv("CMIGUARD_API_KEY", "k3y")  # the key kept out of ps
+    with TestClient(serve_app(build_parser().parse_args(argv))) as http:
+        assert http.post("/v1/completions", json=body).status_code == 401
+        key = {"Authorization": "Bearer k3y"}
+        assert http.post("/v1/completions", json=body, headers=key).status_code == 200
+
+
+def test_an_empty_api_key_is_refused_not_read_as_none(monkeypatch, capsys):
+    """--api-key "$KEY" with KEY unset served with no key at all, silently."""
+    serve = ["serve", "--unprotected", "--model", "no-model"]  # refused before it loads
+    for argv, env, source in (
+        (["--api-key", ""], None, "--api-key"),
+        (["--api-key", "a key"], None, "--api-key"),
+        ([], "", "CMIGUARD_API_KEY"),
+        ([], "k3y\n", "CMIGUARD_API_KEY"),  # read from a file with its newline
+    ):
+        if env is None:
+            monkeypatch.delenv("CMIGUARD_API_KEY", raising=False)
+        else:
+            monkeypatch.setenv("CMIGUARD_API_KEY", env)
+        assert main([*serve, *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"{source} is empty or holds whitespace" in err and "no-model" not in err
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServerConfig("tiny", api_key="")
 
 
 def test_a_bad_transform_fails_before_the_model_loads(tmp_path, capsys):

@@ -46,6 +46,7 @@ def serve_app(args: argparse.Namespace) -> Any:
     import os
 
     from cmiguard.checkpoint import load_transform, read_metadata, vocab_fingerprint
+    from cmiguard.serve.engine import check_api_key
     from cmiguard.serve.server import ServerConfig, create_app
     from cmiguard.train.models import load_model
 
@@ -54,10 +55,14 @@ def serve_app(args: argparse.Namespace) -> Any:
         args.transform and math.isfinite(args.temperature) and args.temperature >= 1e-3
     ):
         raise ValueError("--temperature needs --transform and a finite value >= 0.001")
+    # an empty --api-key "$KEY" (KEY unset) is refused, not read as "no key"
+    source = "--api-key" if args.api_key is not None else "CMIGUARD_API_KEY"
+    key = args.api_key if args.api_key is not None else os.environ.get(source)
+    check_api_key(key, source)
     # built (and so checked) before the model loads: a bad limit fails at once
     config = ServerConfig(
         model_name=args.name,
-        api_key=args.api_key or os.environ.get("CMIGUARD_API_KEY") or None,
+        api_key=key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens,

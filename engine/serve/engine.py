@@ -144,6 +144,16 @@ def served(scores: Tensor, transform: LogitTransform | None) -> Tensor:
     return scores if transform is None else purify_padded(scores, transform, None)
 
 
+def check_api_key(key: str | None, name: str = "api_key") -> None:
+    """None serves without a key; "" would too, silently, and a key with a
+    newline or space is one no client can send in a header: both are refused."""
+    if key is not None and (not key or any(c.isspace() or not c.isprintable() for c in key)):
+        raise ValueError(
+            f"{name} is empty or holds whitespace or control characters (leave it out to "
+            "serve without a key)"
+        )
+
+
 @dataclass
 class ServerConfig:
     model_name: str
@@ -173,6 +183,7 @@ class ServerConfig:
         for name in ("timeout_s", "body_timeout_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a positive number of seconds")
+        check_api_key(self.api_key)
 
 
 class Engine:
