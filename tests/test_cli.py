@@ -85,6 +85,16 @@ def test_purify_runs_on_the_device_asked_for(tmp_path, transform_file, capsys):
         assert gpu == 2 and "CUDA is not available" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "x"), "--device", "gpu0"]) == 2
     assert "--device 'gpu0' is not a device" in capsys.readouterr().err
+    # a device no path here runs on, or a GPU the machine lacks: named, not a traceback
+    for device, says in (
+        ("meta", "--device meta: cmiguard runs on cpu or cuda"),
+        ("mps", "--device mps: cmiguard runs on cpu or cuda"),
+        ("cuda:7", "--device cuda:7: " + (
+            "this machine has" if torch.cuda.is_available() else "CUDA is not available"
+        )),
+    ):  # fmt: skip
+        assert main([*argv, str(tmp_path / "x"), "--device", device]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_purify_errors_are_clear(tmp_path, transform_file, capsys):

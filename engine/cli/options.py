@@ -104,8 +104,12 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"--device {name!r} is not a device: {exc}") from exc
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu: no path here runs there
+        raise ValueError(f"--device {name}: cmiguard runs on cpu or cuda (a GPU)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
