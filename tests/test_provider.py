@@ -159,6 +159,16 @@ def test_models_load_from_a_directory_or_a_gguf_file(tmp_path, tokenizer_and_mod
         load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_model(tokenizer_and_model, dtype="int8")
+    # without its tokenizer files transformers builds an empty tokenizer from the
+    # config's model type: every text became no tokens (train said "no calibration rows")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tokenizer_and_model / name).read_bytes())
+    with pytest.raises(ValueError, match="bare: no tokenizer .* tokenizer files missing"):
+        load_model(bare)
+    folds_without_one, none = load_model(bare, need_tokenizer=False)
+    assert none is None and folds_without_one.config.vocab_size == 700
 
 
 def test_transform_directories_round_trip_and_refuse_a_mismatch(tmp_path):

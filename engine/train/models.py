@@ -118,6 +118,10 @@ def load_model(
     extra = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        # with no tokenizer files transformers builds an empty one from config.json's
+        # model type, which encodes every text to no tokens at all
+        if not tokenizer.encode("The answer", add_special_tokens=False):
+            raise ValueError("it encodes text to no tokens: are its tokenizer files missing?")
     except (OSError, ValueError) as exc:
         if need_tokenizer:
             raise ValueError(f"{path}: no tokenizer could be loaded ({exc})") from exc
