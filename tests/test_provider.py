@@ -169,6 +169,11 @@ def test_models_load_from_a_directory_or_a_gguf_file(tmp_path, tokenizer_and_mod
         load_model(bare)
     folds_without_one, none = load_model(bare, need_tokenizer=False)
     assert none is None and folds_without_one.config.vocab_size == 700
+    # tokens added to the tokenizer and not to the model ended train in an IndexError
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|bot|>"]})
+    tokenizer.save_pretrained(bare)
+    with pytest.raises(ValueError, match="bare: the tokenizer has 702 tokens but the model embeds"):
+        load_model(bare)
 
 
 def test_transform_directories_round_trip_and_refuse_a_mismatch(tmp_path):

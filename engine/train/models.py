@@ -132,6 +132,12 @@ def load_model(
         raise ValueError(
             f"{path}: not a causal language model transformers can load ({exc})"
         ) from exc
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) > rows:  # added tokens, embeddings not resized
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model embeds {rows}: "
+            "ids past it cannot be run (resize the model's embeddings to the tokenizer)"
+        )
     if tokenizer is not None and tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token")
