@@ -2,6 +2,7 @@
 model with its own vocabulary driven end to end through the command line,
 Hub-style transform directories, and dataset purification."""
 
+import copy
 import json
 import socket
 import threading
@@ -141,6 +142,12 @@ def test_bad_data_is_named(tmp_path, teacher):
     assert "cols.jsonl" in str(
         pytest.raises(ValueError, load_examples, cases[0][0], tokenizer).value
     )
+    # a chat template that refuses a lone user turn ended in jinja2's traceback
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = "{{ raise_exception('conversations must start with a system turn') }}"
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Where?", "answer": "Here."}] * 4)
+    with pytest.raises(ValueError, match="qa.jsonl: row 0: the tokenizer's chat template refused"):
+        load_examples(qa, strict)
 
 
 def test_models_load_from_a_directory_or_a_gguf_file(tmp_path, tokenizer_and_model):

@@ -123,16 +123,14 @@ def load_examples(
     for index, row in enumerate(table):
         if limit is not None and index >= limit:
             break
-        example = (
-            text_example(tokenizer, _text(row, "text", index, path), max_tokens)
-            if kind == "text"
-            else answer_example(
-                tokenizer,
-                _text(row, "prompt", index, path),
-                _text(row, "answer", index, path),
-                max_tokens,
-            )
-        )
+        if kind == "text":
+            example = text_example(tokenizer, _text(row, "text", index, path), max_tokens)
+        else:
+            prompt, answer = _text(row, "prompt", index, path), _text(row, "answer", index, path)
+            try:
+                example = answer_example(tokenizer, prompt, answer, max_tokens)
+            except ValueError as exc:
+                raise ValueError(f"{path}: row {index}: {exc}") from exc
         if example is None:
             continue
         if context is not None and len(example.input_ids) > context:
@@ -182,9 +180,14 @@ def answer_example(tokenizer: Any, prompt: str, answer: str, max_tokens: int) ->
     """The answer's tokens after the prompt, each a labelled row (the chat
     template wraps the prompt when the tokenizer has one)."""
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as exc:  # a template that wants a system turn, say
+            raise ValueError(f"the tokenizer's chat template refused the prompt: {exc}") from exc
     context = tokenizer.encode(prompt, add_special_tokens=False)
     target = tokenizer.encode(answer, add_special_tokens=False)[:max_tokens]
     if not context or not target:
