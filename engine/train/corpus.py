@@ -75,8 +75,10 @@ def _split(value: Any, index: int, path: Path) -> bool:
     """Whether a row's ``split`` value holds it out; an unknown value is refused,
     since a misspelt held-out row would otherwise be trained on."""
     name = "" if value is None else str(value).strip().lower()
-    if name in HELDOUT_VALUES or name in CALIBRATION_VALUES:
-        return name in HELDOUT_VALUES
+    if name in HELDOUT_VALUES:
+        return True
+    if name in CALIBRATION_VALUES:
+        return False
     raise ValueError(
         f"{path}: row {index} has split {value!r}; held-out rows say one of "
         f"{', '.join(HELDOUT_VALUES)}, the others {', '.join(CALIBRATION_VALUES[:-1])} or nothing"
