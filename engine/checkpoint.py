@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmiguard.transforms import FAMILIES, LogitTransform, make_transform
+from cmiguard.transforms import FAMILIES, LogitTransform, check_transform, make_transform
 
 FORMAT = "cmiguard-transform"
 FORMAT_VERSION = "1"
@@ -88,6 +88,7 @@ def _files(directory: Path) -> set[str]:
 
 
 def _metadata(transform: LogitTransform, vocab_fingerprint: str) -> dict[str, str]:
+    check_transform(transform)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmiguard.transforms import LogitTransform
+from cmiguard.transforms import LogitTransform, check_transform
 
 
 def fold_into_lm_head(model: nn.Module, transform: LogitTransform) -> nn.Module:
@@ -19,6 +19,7 @@ def fold_into_lm_head(model: nn.Module, transform: LogitTransform) -> nn.Module:
     Unties the LM head from the input embeddings first. The folded model is a
     normal checkpoint: ``save_pretrained`` and any server load it unchanged.
     """
+    check_transform(transform)
     if transform.guard_margin is not None:
         raise ValueError(
             "this transform has an argmax guard, which needs the raw logits and is not a "

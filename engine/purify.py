@@ -12,7 +12,7 @@ from cmiguard.kernels.reference import (
     label_groups,
     purify_reference,
 )
-from cmiguard.transforms import LogitTransform
+from cmiguard.transforms import LogitTransform, check_transform
 from cmiguard.validation import (
     check_cmi_options,
     check_device,
@@ -41,6 +41,7 @@ def purify(
     It serves outputs: no gradient flows back (``transform(logits)`` is the
     differentiable map).
     """
+    check_transform(transform)
     check_logits(logits, transform.vocab_size, scan=False)  # type and shape
     params = {
         k: (p.detach() if p is not None else None) for k, p in transform.kernel_params().items()
@@ -77,7 +78,8 @@ def cmi(
     min_count: int = 2,
     state: StreamingCentroids | None = None,
 ) -> Tensor:
-    """Conditional mutual information ``I(X; P | Y)`` in nats (a scalar).
+    """Conditional mutual information ``I(X; P | Y)`` in nats (a scalar), over
+    logits ``[..., V]`` and labels ``[...]`` (or flat ``[N]``).
 
     ``exact`` uses the class centroids of these rows; ``streaming`` uses the
     moving-average centroids in ``state`` (updated in place; labels it has not
@@ -86,8 +88,8 @@ def cmi(
     label seen once has zero CMI by construction.
     """
     check_logits(logits)
+    labels = check_labels(labels, tuple(logits.shape[:-1]), logits.shape[-1])
     flat = logits.reshape(-1, logits.shape[-1])
-    check_labels(labels, flat.shape[0], flat.shape[-1])
     temperature = check_cmi_options(estimator, temperature, min_count)
     log_q = None
     if estimator == "streaming":

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmiguard.purify import OUTPUTS, purify
-from cmiguard.transforms import LogitTransform
+from cmiguard.transforms import LogitTransform, check_transform
 from cmiguard.validation import check_top_k
 
 
@@ -35,6 +35,9 @@ def purify_dataset(
     Batches reach the transform as NumPy blocks, not Python lists (whose
     conversion costs many times the transform itself); the result keeps the
     dataset's format."""
+    check_transform(transform)
+    if not hasattr(dataset, "column_names") or not hasattr(dataset, "map"):
+        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
     if column not in dataset.column_names:
         raise ValueError(f"the dataset has no {column!r} column (it has {dataset.column_names})")
     if output not in OUTPUTS:

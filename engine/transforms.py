@@ -124,6 +124,15 @@ class LogitTransform(nn.Module):
         )
 
 
+def check_transform(transform: object) -> None:
+    """A public function's ``transform`` must be a built transform, not a path to one."""
+    if not isinstance(transform, LogitTransform):
+        hint = " (read a file with cmiguard.load_transform)" if isinstance(transform, str) else ""
+        raise TypeError(
+            f"transform must be a cmiguard LogitTransform, got {type(transform).__name__}{hint}"
+        )
+
+
 class _LowRank(LogitTransform):
     """The low-rank part shared by the low-rank families: ``A``, ``B`` and the
     dtype the kernels read them in."""

@@ -72,23 +72,31 @@ def check_top_k(top_k: int | None, vocab_size: int) -> None:
         raise ValueError(f"top_k must be in [1, {vocab_size}], got {top_k}")
 
 
-def check_labels(labels: Tensor, n_rows: int, vocab_size: int, ignore_index: int = -100) -> None:
-    """Labels must be int64 ``[N]`` in ``[0, V)`` or ``ignore_index``."""
+def check_labels(
+    labels: Tensor, rows: tuple[int, ...], vocab_size: int, ignore_index: int = -100
+) -> Tensor:
+    """Labels are integer token ids, one per logits row: shaped like the logits
+    less their last dimension (``[B, T]`` for ``[B, T, V]``) or flat ``[N]``, each
+    in ``[0, V)`` or ``ignore_index``. Returns them flat, as int64."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != n_rows:
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
+    n_rows = math.prod(rows)
+    if tuple(labels.shape) not in (tuple(rows), (n_rows,)):
+        shapes = f"{list(rows)} or [{n_rows}]" if len(rows) > 1 else f"[{n_rows}]"
         raise ValueError(
-            f"labels must have shape [{n_rows}] (one per logits row), got {tuple(labels.shape)}"
+            f"labels must have shape {shapes} (one per logits row), got {tuple(labels.shape)}"
         )
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    flat = labels.reshape(-1).long()
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab_size))
     if bad.any():
-        value = int(labels[bad][0])
+        value = int(flat[bad][0])
         raise ValueError(
             f"label {value} is out of range for vocab_size={vocab_size} "
             f"(use {ignore_index} to ignore a row)"
         )
+    return flat
 
 
 def check_device(logits: Tensor, module: torch.nn.Module, name: str = "transform") -> None:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cmiguard.purify import purify
-from cmiguard.transforms import LogitTransform
+from cmiguard.transforms import LogitTransform, check_transform
+from cmiguard.validation import check_temperature
 
 
 class PurifyLogitsProcessor(LogitsProcessor):
@@ -28,6 +29,9 @@ class PurifyLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, transform: LogitTransform, temperature: float | None = None) -> None:
+        check_transform(transform)
+        if temperature is not None:
+            check_temperature(temperature)
         self.transform = transform
         self.temperature = temperature
 

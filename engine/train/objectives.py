@@ -16,7 +16,7 @@ from torch import Tensor
 from cmiguard.kernels import backend
 from cmiguard.kernels.reference import IGNORE_INDEX, ObjectiveFunction
 from cmiguard.purify import StreamingCentroids
-from cmiguard.transforms import LogitTransform
+from cmiguard.transforms import LogitTransform, check_transform
 from cmiguard.validation import (
     check_cmi_options,
     check_device,
@@ -62,26 +62,29 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
 
 def _check_rows(
     logits: Tensor, labels: Tensor, transform: LogitTransform, scan: bool = True
-) -> None:
-    """Validated ``[N, V]`` logits and labels, no label on a masked token
-    (``scan=False``: the values are checked by the kernel that reads them)."""
+) -> tuple[Tensor, Tensor]:
+    """Validated logits ``[..., V]`` and labels ``[...]`` as flat ``[N, V]`` rows and
+    ``[N]`` int64 labels, no label on a masked token (``scan=False``: the values are
+    checked by the kernel that reads them)."""
     check_logits(logits, transform.vocab_size, scan=scan)
     check_device(logits, transform)
-    check_labels(labels, logits.shape[0], transform.vocab_size)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, V] rows, got shape {tuple(logits.shape)}")
+    labels = check_labels(labels, tuple(logits.shape[:-1]), transform.vocab_size)
+    logits = logits.reshape(-1, transform.vocab_size)
     valid = labels != IGNORE_INDEX
     label_logit = logits[valid].gather(1, labels[valid].unsqueeze(1))
     if torch.isneginf(label_logit).any():
         row = int(valid.nonzero()[torch.isneginf(label_logit).squeeze(1)][0])
         raise ValueError(f"row {row}: its label's logit is masked (-inf), so CE is infinite")
+    return logits, labels
 
 
-def _transformed(logits: Tensor, labels: Tensor, transform: LogitTransform) -> Tensor:
-    """Validated ``T(z)`` in fp32 (guarded if the transform is), with the graph to
-    the transform's parameters."""
-    _check_rows(logits, labels, transform)
-    return transform.apply_fp32(logits)
+def _transformed(
+    logits: Tensor, labels: Tensor, transform: LogitTransform
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated flat rows, their labels and ``T(z)`` in fp32 (guarded if the
+    transform is), with the graph to the transform's parameters."""
+    logits, labels = _check_rows(logits, labels, transform)
+    return logits, labels, transform.apply_fp32(logits)
 
 
 def anti_distillation_loss(
@@ -97,12 +100,13 @@ def anti_distillation_loss(
     min_count: int = 2,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """The direct CMI objective on teacher logits ``[N, V]`` and labels ``[N]``.
+    """The direct CMI objective on teacher logits ``[..., V]`` and labels ``[...]``.
 
     ``CMI`` is over ``softmax(T(z)/τ)`` with per-label centroids (in-batch for
     ``exact``, the moving average in ``state`` for ``streaming``), ``CE`` is
     ``CE(T(z), y)`` and ``KL`` is ``KL(softmax(z) ‖ softmax(T(z)))``.
     """
+    check_transform(transform)
     temperature = check_cmi_options(estimator, temperature, min_count)
     lams = (lambda_cmi, lambda_ce, lambda_kl, temperature, min_count)
     if backend(logits) == "triton":
@@ -110,10 +114,10 @@ def anti_distillation_loss(
 
         # the fused step checks the values as it reads them: no validation pass
         fused = transform.guard_margin is None and fusable(logits, transform.kernel_params())
-        _check_rows(logits, labels, transform, scan=not fused)
+        logits, labels = _check_rows(logits, labels, transform, scan=not fused)
         loss, stats = _triton_objective(logits, labels, transform, estimator, state, lams)
     else:
-        t = _transformed(logits, labels, transform)
+        logits, labels, t = _transformed(logits, labels, transform)
         log_q = None
         if estimator == "streaming":
             state = state if state is not None else StreamingCentroids(transform.vocab_size)
@@ -246,7 +250,8 @@ def gradient_misalignment_loss(
     """``U(T(z)) + λ·cos(g, g′)``: the seed paper's objective (``U`` = CE by
     default; :func:`utility_loss`), the cosine from :func:`gradient_cosine`.
     With ``lam = 0`` (a utility-only warm-up) the cosine is only measured."""
-    t = _transformed(teacher_logits, labels, transform)
+    check_transform(transform)
+    teacher_logits, labels, t = _transformed(teacher_logits, labels, transform)
     cos = gradient_cosine(teacher_logits, t, labels, surrogate, alpha, create_graph=lam != 0)
     u = utility_loss(t, teacher_logits, labels, utility)
     loss = u + lam * cos if lam != 0 else u
