@@ -24,7 +24,7 @@ def fold_into_lm_head(model: nn.Module, transform: LogitTransform) -> nn.Module:
         raise ValueError(
             "this transform has an argmax guard, which needs the raw logits and is not a "
             "linear map: it cannot be folded into an LM head; apply it per step "
-            "(cmiguard serve --transform, PurifyLogitsProcessor, the vLLM adapter)"
+            "(cmiguard serve --transform, generate_purified, the vLLM adapter)"
         )
     head = model.get_output_embeddings()
     if head.weight.shape[0] != transform.vocab_size:

@@ -31,6 +31,24 @@ def test_generate_scores_and_logits_are_purified():
     assert torch.equal(same, out.sequences)
 
 
+def test_beam_search_purifies_logits_not_the_log_probs_it_hands_processors():
+    """Beam search hands processors log-probs, and ``T`` is not shift-invariant:
+    ``T(log p) ≠ T(z) − c``. ``generate_purified`` must beam-search what the
+    folded model does, ``log_softmax(T(z)/τ)``."""
+    model = tiny_model(128)
+    transform = trained_like(LowRankTransform(128, 4, temperature=1.5), scale=0.3)
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(3))
+    beams = {"num_beams": 3, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"return_dict_in_generate": True, "output_scores": True, **beams}
+    out = generate_purified(model, transform, input_ids=ids, **kwargs)
+    folded = fold_into_lm_head(tiny_model(128), transform)
+    want = folded.generate(input_ids=ids, **kwargs)
+    assert torch.equal(out.sequences, want.sequences)
+    torch.testing.assert_close(out.sequences_scores, want.sequences_scores, rtol=1e-4, atol=1e-4)
+    for got, ref in zip(out.scores, want.scores, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_padded_vocabulary_is_masked():
     transform = LowRankTransform(100, 2)
     scores = torch.randn(2, 128)

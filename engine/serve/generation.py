@@ -1,11 +1,16 @@
 """Purification inside transformers' ``generate()``.
 
-``PurifyLogitsProcessor`` purifies the scores ``generate()`` samples from and
-returns as ``output_scores``. Custom processors run after the built-in
-repetition/length penalties and before temperature, top-k and top-p warping,
-so sampling sees the purified distribution. ``output_logits=True`` would
-still hand out the RAW logits: :func:`generate_purified` purifies those too.
-Serving a model folded with :func:`cmiguard.fold_into_lm_head` needs none of this.
+:func:`generate_purified` runs ``generate()`` as if the model's LM head were
+purified (what :func:`cmiguard.fold_into_lm_head` makes permanent, guard
+included): every decoding mode, penalty and warper, ``output_scores`` and
+``output_logits`` see ``T(z)/τ`` of the raw logits ``z``.
+
+``PurifyLogitsProcessor`` purifies what ``generate()`` hands processors. In
+greedy decoding and sampling that is the logits, after the built-in
+penalties and before temperature, top-k and top-p; but beam search hands
+them log-probs, and ``T`` is not shift-invariant (``T(log p)`` is another
+map), and ``output_logits=True`` still returns the raw logits. Prefer
+:func:`generate_purified`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from cmiguard.purify import purify
 from cmiguard.transforms import LogitTransform, check_transform
@@ -56,10 +61,31 @@ def purify_padded(scores: Tensor, transform: LogitTransform, temperature: float 
 def generate_purified(
     model: nn.Module, transform: LogitTransform, temperature: float | None = None, **kwargs: Any
 ) -> Any:
-    """``model.generate(**kwargs)`` whose scores and returned logits are purified."""
-    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-    processors.append(PurifyLogitsProcessor(transform, temperature))
-    out = model.generate(logits_processor=processors, **kwargs)
-    if getattr(out, "logits", None) is not None:
-        out.logits = tuple(purify_padded(step, transform, temperature) for step in out.logits)
+    """``model.generate(**kwargs)`` with the LM head's output purified while it
+    runs (a forward hook, removed after): scores, logits and every decoding
+    mode (beam search included) see ``T(z)/τ`` of the raw logits."""
+    check_transform(transform)
+    if temperature is not None:
+        check_temperature(temperature)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to purify")
+    calls = 0
+
+    def purified(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return purify_padded(output, transform, temperature)
+
+    handle = head.register_forward_hook(purified)
+    try:
+        out = model.generate(**kwargs)
+    finally:
+        handle.remove()
+    if calls == 0:
+        raise RuntimeError(
+            f"{type(model).__name__} computed its logits without calling its LM head module, "
+            "so nothing was purified: fold the transform into the model or use "
+            "PurifyLogitsProcessor (greedy decoding and sampling)"
+        )
     return out
