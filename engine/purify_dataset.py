@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from cmiguard.purify import OUTPUTS, purify
 from cmiguard.transforms import LogitTransform, check_transform
-from cmiguard.validation import check_top_k
+from cmiguard.validation import check_not_log_probs, check_top_k
 
 
 def purify_dataset(
@@ -27,6 +27,7 @@ def purify_dataset(
     top_k: int | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    allow_log_probs: bool = False,
 ) -> Any:
     """``dataset`` with ``column``'s rows of full-vocabulary logits replaced by
     purified ones (``output``: ``logits`` or ``logprobs``, float32), or with
@@ -34,7 +35,9 @@ def purify_dataset(
 
     Batches reach the transform as NumPy blocks, not Python lists (whose
     conversion costs many times the transform itself); the result keeps the
-    dataset's format."""
+    dataset's format. Rows that are log-probs, not logits, are refused unless
+    ``allow_log_probs`` (the transform is not shift-invariant; checked on the
+    first batch)."""
     check_transform(transform)
     if not hasattr(dataset, "column_names") or not hasattr(dataset, "map"):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
@@ -49,6 +52,7 @@ def purify_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(transform.parameters()).device
     bar = tqdm(total=len(dataset), unit="row", desc="purify", disable=not progress)
+    unchecked = not allow_log_probs
 
     def one_batch(batch: dict[str, Any], indices: list[int]) -> dict[str, np.ndarray]:
         try:
@@ -66,6 +70,10 @@ def purify_dataset(
                 "purified (a stored top-k view cannot: the transform reads every logit)"
             )
         logits = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+        nonlocal unchecked
+        if unchecked:
+            check_not_log_probs(logits, "pass allow_log_probs=True")
+            unchecked = False
         bar.update(len(rows))
         if top_k is None:
             return {column: purify(logits, transform, output=output).cpu().numpy()}

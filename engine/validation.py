@@ -48,6 +48,24 @@ def check_logits(
     return True
 
 
+def check_not_log_probs(rows: Tensor, fix: str) -> None:
+    """Refuse rows that are already log-probabilities (every row's logsumexp is 0).
+
+    A transform maps a model's logits and is not shift-invariant
+    (``T(z + c) ≠ T(z) + c``): on log-probs it applies another map than the one
+    trained and judged. Stored outputs are often log-probs, hence the check.
+    """
+    lse = torch.logsumexp(rows.detach().float(), dim=-1)
+    tol = 1e-3 if rows.dtype == torch.float32 else 3e-2  # 16-bit rows round their sum
+    if lse.numel() and bool((lse.abs() <= tol).all()):
+        raise ValueError(
+            "every row's logsumexp is 0: these are log-probabilities, not logits. A "
+            "transform maps a model's logits and is not shift-invariant (T(z + c) is not "
+            "T(z) + c), so on log-probs it applies another map than the one trained and "
+            f"evaluated. Purify the model's logits, or {fix} to purify these anyway"
+        )
+
+
 def check_temperature(value: float) -> float:
     """A temperature divides logits: finite and > 0 (0 and inf give NaN or uniform rows)."""
     tau = float(value)

@@ -97,6 +97,28 @@ def test_purify_runs_on_the_device_asked_for(tmp_path, transform_file, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_purify_refuses_log_prob_shards_unless_asked(tmp_path, transform_file, capsys):
+    """Stored log-probs are not logits: the map is not shift-invariant, so
+    purifying them gives another distribution than purifying the logits."""
+    t, tpath = transform_file
+    z = random_logits(6, 300, seed=3) * 4
+    log_p = torch.log_softmax(z, dim=-1)
+    differ = purify(log_p, t, output="logprobs") - purify(z, t, output="logprobs")
+    assert differ.abs().max() > 1e-3  # why it is refused: another map
+    np.save(tmp_path / "logits.npy", z.numpy())
+    save_file({"logits": log_p.half()}, tmp_path / "logp.safetensors")
+    shards = [str(tmp_path / "logits.npy"), str(tmp_path / "logp.safetensors")]
+    argv = ["purify", *shards, "--transform", str(tpath), "--block-rows", "4", "--out"]
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "logp.safetensors: every row's logsumexp is 0: these are log-probabilities" in err
+    assert "pass --allow-log-probs to purify these anyway" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert main([*argv, str(tmp_path / "ok"), "--allow-log-probs"]) == 0
+    got = load_file(tmp_path / "ok" / "logp.safetensors")["logits"]
+    torch.testing.assert_close(got, purify(log_p.half(), t))
+
+
 def test_purify_errors_are_clear(tmp_path, transform_file, capsys):
     _, tpath = transform_file
     np.save(tmp_path / "good.npy", np.zeros((3, 300), dtype=np.float32))

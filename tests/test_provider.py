@@ -237,6 +237,12 @@ def test_purify_dataset_matches_purify(tmp_path):
     bad[33, 2] = np.nan  # named by its batch's rows, in a table that may hold millions
     with pytest.raises(ValueError, match="rows 32-47: logits contain NaN"):
         purify_dataset(datasets.Dataset.from_dict({"logits": bad}), t, batch_size=16)
+    log_p = datasets.Dataset.from_dict({"logits": torch.log_softmax(logits, -1).tolist()})
+    with pytest.raises(ValueError, match="rows 0-2: every row's logsumexp is 0.*allow_log_probs"):
+        purify_dataset(log_p, t, batch_size=3, progress=False)
+    anyway = purify_dataset(log_p, t, batch_size=3, progress=False, allow_log_probs=True)
+    want = purify(torch.log_softmax(logits, -1), t, output="logprobs")
+    torch.testing.assert_close(torch.tensor(anyway["logits"]), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no 'values' column"):
         purify_dataset(table, t, column="values", progress=False)
     # whole-table batches (datasets' reading of 0) and a bad top_k, named once before any batch

@@ -17,7 +17,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from cmiguard.checkpoint import load_transform
     from cmiguard.purify import purify
     from cmiguard.shards import LogitsShard, write_streamed
-    from cmiguard.validation import FLOAT_DTYPES, check_top_k
+    from cmiguard.validation import FLOAT_DTYPES, check_not_log_probs, check_top_k
 
     device = resolve_device(args.device)
     transform = load_transform(args.transform).to(device)
@@ -63,6 +63,11 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="
                 f"{transform.vocab_size}"
             )
+        if not args.allow_log_probs and shard.shape[0]:
+            try:
+                check_not_log_probs(next(shard.blocks(args.block_rows)), "pass --allow-log-probs")
+            except ValueError as exc:
+                raise ValueError(f"{shard.path}: {exc}") from exc
     total = sum(s.shape[0] for s in shards)
     with tqdm(total=total, unit="row", desc="purify") as bar:
         for shard in shards:
@@ -120,6 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=at_least_one,
         default=1024,
         help="rows read, purified and written at a time",
+    )
+    p.add_argument(
+        "--allow-log-probs",
+        action="store_true",
+        help="purify shards whose rows are log-probabilities (refused by default: the "
+        "transform maps logits and is not shift-invariant, so this is another map)",
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_purify)
