@@ -23,6 +23,23 @@ def transform_file(tmp_path):
     return t, path
 
 
+def test_version_names_the_package_and_what_a_bug_report_needs(capsys):
+    import re
+    from pathlib import Path
+
+    import cmiguard
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    (declared,) = re.findall(r'^version = "(.+)"$', pyproject, re.M)
+    assert cmiguard.__version__ == declared
+    out = capsys.readouterr().out
+    assert out.startswith(f"cmiguard {declared} (torch {torch.__version__}, triton ")
+    assert "transformers " in out
+
+
 def test_purify_streams_npy_and_safetensors(tmp_path, transform_file):
     t, tpath = transform_file
     z1, z2 = random_logits(37, 300, seed=1), random_logits(5, 300, seed=2).half()

@@ -18,9 +18,26 @@ from cmiguard.cli.options import Help
 COMMANDS = (train, purify, fold, serve, evaluate, demo)  # in --help's order
 
 
+def version() -> str:
+    """cmiguard's version and those of what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from cmiguard import __version__
+
+    parts = []
+    for name in ("torch", "triton", "transformers"):
+        try:
+            parts.append(f"{name} {installed(name)}")
+        except PackageNotFoundError:
+            parts.append(f"no {name}")
+    return f"cmiguard {__version__} ({', '.join(parts)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command's parser (options show their defaults)."""
     parser = argparse.ArgumentParser(prog="cmiguard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=version())
     with_defaults = partial(argparse.ArgumentParser, formatter_class=Help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=with_defaults)
     for command in COMMANDS:
