@@ -39,7 +39,8 @@ def purify(
     With ``top_k`` returns ``(values, token_ids)`` of the k largest entries
     only, as a logprobs API does, without materialising the full output.
     It serves outputs: no gradient flows back (``transform(logits)`` is the
-    differentiable map).
+    differentiable map). Give it the model's logits, not log-probs: ``T`` is
+    not shift-invariant, so ``T(log p)`` is another distribution.
     """
     check_transform(transform)
     check_logits(logits, transform.vocab_size, scan=False)  # type and shape
