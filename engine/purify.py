@@ -44,9 +44,7 @@ def purify(
     """
     check_transform(transform)
     check_logits(logits, transform.vocab_size, scan=False)  # type and shape
-    params = {
-        k: (p.detach() if p is not None else None) for k, p in transform.kernel_params().items()
-    }
+    params = transform.served_params()
     # the fused kernels check the values as they write (no separate pass over the logits)
     fused = backend(logits) == "triton" and params.get("weight") is None
     has_mask = False if fused else check_logits(logits, transform.vocab_size)

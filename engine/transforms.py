@@ -50,10 +50,33 @@ class LogitTransform(nn.Module):
         self.rank = int(rank)
         self.temperature = float(temperature)
         self.guard_margin = None if guard_margin is None else float(guard_margin)
+        self._served: tuple[list, dict[str, Tensor | None]] | None = None
 
     def kernel_params(self) -> dict[str, Tensor | None]:
         """The tensors :func:`cmiguard.kernels.reference.affine_logits` takes."""
         raise NotImplementedError
+
+    def served_params(self) -> dict[str, Tensor | None]:
+        """:meth:`kernel_params` detached, for serving: the same tensors on every
+        call while the parameters keep their storage and see no in-place update
+        (an optimizer step, ``load_state_dict``), so factors rounded to
+        ``factor_dtype`` are not rounded afresh per call, and a decode graph,
+        keyed by the addresses it reads, is captured once, not per step.
+        (A write through ``p.data`` bumps no version: rounded factors miss it.)"""
+        tensors = list(self.parameters())
+        # inference tensors keep no version counter: theirs are made afresh
+        key = (
+            None
+            if any(p.is_inference() for p in tensors)
+            else [(p.data_ptr(), p._version) for p in tensors]
+        )
+        if key is None or self._served is None or self._served[0] != key:
+            with torch.no_grad():
+                params = self.kernel_params()
+            params = {k: v if v is None else v.detach() for k, v in params.items()}
+            self._served = None if key is None else (key, params)
+            return params
+        return self._served[1]
 
     def forward(self, logits: Tensor) -> Tensor:
         if logits.shape[-1] != self.vocab_size:

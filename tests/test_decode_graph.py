@@ -102,6 +102,31 @@ def test_an_in_place_update_is_seen_and_a_new_tensor_is_another_graph():
     assert len(decode_graph._GRAPHS) == 2
 
 
+def test_rounded_factors_are_served_as_the_same_tensors_until_a_step():
+    """bf16 factors rounded afresh per call would be new addresses every decode
+    step, so a graph captured per step; purify hands kernels served_params()."""
+    t = trained_like(LowRankTransform(V, 5, factor_dtype="bfloat16"), scale=0.01).to(DEVICE)
+    z = awkward_logits(2, V, seed=8)
+    first = t.served_params()
+    assert first["a"].dtype == torch.bfloat16 and t.served_params()["a"] is first["a"]
+    graphed(z, t.served_params())
+    graphed(z, t.served_params())
+    assert len(decode_graph._GRAPHS) == 1
+    graphed(z, params_of(t))  # rounded afresh, as purify used to: another capture
+    assert len(decode_graph._GRAPHS) == 2
+    t.b.grad = torch.ones_like(t.b)
+    torch.optim.SGD(t.parameters(), lr=0.5).step()  # in place: a new version
+    stepped = t.served_params()
+    assert stepped["b"] is not first["b"]
+    assert torch.equal(stepped["b"], t.b.detach().bfloat16())
+    assert torch.equal(graphed(z, stepped), ungraphed(z, stepped))
+    t.load_state_dict({k: v * 2 for k, v in t.state_dict().items()})
+    assert torch.equal(t.served_params()["a"], t.a.detach().bfloat16())
+    with torch.inference_mode():  # no version counter: made afresh, never stale
+        fresh = LowRankTransform(V, 5, factor_dtype="bfloat16")
+        assert fresh.served_params()["a"] is not fresh.served_params()["a"]
+
+
 def test_a_graph_in_use_is_not_handed_to_another_caller(monkeypatch):
     """Another thread may run between a caller's copy in and copy out (the GIL
     switches): a second caller in that window gets a graph of its own, each
