@@ -35,14 +35,12 @@ def purify_dataset(
 
     Batches reach the transform as NumPy blocks, not Python lists (whose
     conversion costs many times the transform itself); the result keeps the
-    dataset's format. Rows that are log-probs, not logits, are refused unless
-    ``allow_log_probs`` (the transform is not shift-invariant; checked on the
-    first batch)."""
+    dataset's format. A ``DatasetDict`` is purified split by split; an
+    ``IterableDataset`` (``streaming=True``) lazily, as it is read (NumPy rows
+    unless it has a format). Rows that
+    are log-probs, not logits, are refused unless ``allow_log_probs`` (the
+    transform is not shift-invariant; checked on the first batch)."""
     check_transform(transform)
-    if not hasattr(dataset, "column_names") or not hasattr(dataset, "map"):
-        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
-    if column not in dataset.column_names:
-        raise ValueError(f"the dataset has no {column!r} column (it has {dataset.column_names})")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     # checked here, not as every batch's error; datasets reads batch_size <= 0 as
@@ -50,17 +48,60 @@ def purify_dataset(
     check_top_k(top_k, transform.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = (transform, column, output, top_k, batch_size, progress, allow_log_probs)
+    if isinstance(dataset, dict):  # a DatasetDict or IterableDatasetDict: split by split
+        for name, split in dataset.items():  # every split before the first is purified
+            _check_table(split, name, column)
+        splits = {name: _purify_split(split, name, *options) for name, split in dataset.items()}
+        return type(dataset)(splits)
+    _check_table(dataset, "", column)
+    return _purify_split(dataset, "", *options)
+
+
+def _check_table(dataset: Any, name: str, column: str) -> None:
+    """A table that has ``column`` (a stream that does not know its columns yet
+    is checked as it is read)."""
+    if not hasattr(dataset, "column_names") or not hasattr(dataset, "map"):
+        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+    if dataset.column_names is not None and column not in dataset.column_names:
+        split = f"split {name!r}: " if name else ""
+        raise ValueError(
+            f"{split}the dataset has no {column!r} column (it has {dataset.column_names})"
+        )
+
+
+def _purify_split(
+    dataset: Any,
+    name: str,
+    transform: LogitTransform,
+    column: str,
+    output: str,
+    top_k: int | None,
+    batch_size: int,
+    progress: bool,
+    allow_log_probs: bool,
+) -> Any:
+    """One table (``name``: its split, for messages and the bar)."""
+    split = f"split {name!r}: " if name else ""
     device = next(transform.parameters()).device
-    bar = tqdm(total=len(dataset), unit="row", desc="purify", disable=not progress)
+    lazy = not hasattr(dataset, "__len__")  # an IterableDataset: purified as it is read
+    bar = tqdm(
+        total=None if lazy else len(dataset),
+        unit="row",
+        desc=f"purify {name}".strip(),
+        disable=not progress or lazy,
+    )
     unchecked = not allow_log_probs
 
     def one_batch(batch: dict[str, Any], indices: list[int]) -> dict[str, np.ndarray]:
         try:
             return purified(batch)
         except ValueError as exc:  # which rows: a table can hold millions
-            raise ValueError(f"rows {indices[0]}-{indices[-1]}: {exc}") from exc
+            raise ValueError(f"{split}rows {indices[0]}-{indices[-1]}: {exc}") from exc
 
     def purified(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        if column not in batch:
+            raise ValueError(f"the dataset has no {column!r} column (it has {list(batch)})")
         rows = batch[column]  # [B, V] when every row has V entries, else one array per row
         widths = {len(r) for r in rows} if getattr(rows, "ndim", 1) != 2 else {rows.shape[1]}
         if widths != {transform.vocab_size}:
@@ -84,6 +125,14 @@ def purify_dataset(
         }
 
     drop = [column] if top_k is not None else None
+    if lazy:
+        formatting = getattr(dataset, "_formatting", None)  # IterableDataset has no .format
+        out = dataset.with_format("numpy").map(
+            one_batch, batched=True, batch_size=batch_size, remove_columns=drop, with_indices=True
+        )
+        # an unformatted stream's rows come as NumPy arrays: lists would cost the
+        # conversion the NumPy blocks avoid
+        return out.with_format(formatting.format_type if formatting else "numpy")
     blocks = dataset.with_format("numpy", columns=[column], output_all_columns=True)
     out = blocks.map(
         one_batch, batched=True, batch_size=batch_size, remove_columns=drop, with_indices=True

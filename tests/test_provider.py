@@ -252,6 +252,45 @@ def test_purify_dataset_matches_purify(tmp_path):
         purify_dataset(table, t, top_k=31, progress=False)
 
 
+def test_purify_dataset_streams_and_goes_split_by_split():
+    """A provider's large table is a stream (``streaming=True``) or a DatasetDict."""
+    import datasets
+
+    t = trained_like(LowRankTransform(30, 2), scale=0.05)
+    logits = torch.randn(7, 30) * 3
+    want = purify(logits, t, output="logprobs")
+    table = datasets.Dataset.from_dict({"logits": logits.tolist(), "id": list(range(7))})
+    stream = purify_dataset(table.to_iterable_dataset(), t, batch_size=3)
+    assert isinstance(stream, datasets.IterableDataset)  # lazy: purified as it is read
+    rows = list(stream)
+    assert [r["id"] for r in rows] == list(range(7))
+    got = torch.from_numpy(np.stack([r["logits"] for r in rows]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    top = list(purify_dataset(table.to_iterable_dataset(), t, top_k=2, batch_size=3))
+    ids = torch.from_numpy(np.stack([r["logits_top_ids"] for r in top]))
+    assert torch.equal(ids, want.topk(2).indices)
+    as_torch = next(iter(purify_dataset(table.to_iterable_dataset().with_format("torch"), t)))
+    assert isinstance(as_torch["logits"], torch.Tensor)  # its format kept
+    log_p = {"logits": torch.log_softmax(logits, -1).tolist()}
+    refused = purify_dataset(datasets.Dataset.from_dict(log_p).to_iterable_dataset(), t)
+    with pytest.raises(ValueError, match="rows 0-6: every row's logsumexp is 0"):
+        list(refused)
+
+    def unnamed():  # a stream that does not know its columns until read
+        yield from ({"scores": row} for row in logits.tolist())
+
+    stream = datasets.IterableDataset.from_generator(unnamed)
+    with pytest.raises(ValueError, match=r"rows 0-6: the dataset has no 'logits' column"):
+        list(purify_dataset(stream, t))
+    splits = datasets.DatasetDict({"train": table, "test": table.select(range(2))})
+    out = purify_dataset(splits, t, progress=False)
+    assert isinstance(out, datasets.DatasetDict) and list(out) == ["train", "test"]
+    torch.testing.assert_close(torch.tensor(out["test"]["logits"]), want[:2], rtol=1e-5, atol=1e-5)
+    splits["test"] = table.rename_column("logits", "scores")
+    with pytest.raises(ValueError, match="split 'test': the dataset has no 'logits' column"):
+        purify_dataset(splits, t, progress=False)
+
+
 def test_rows_past_the_models_positions_are_named_before_anything_runs(
     tmp_path, tokenizer_and_model, capsys
 ):
