@@ -101,6 +101,8 @@ def _metadata(transform: LogitTransform, vocab_fingerprint: str) -> dict[str, st
         # empty: no argmax guard (files written before the guard existed have none)
         "guard_margin": "" if transform.guard_margin is None else repr(transform.guard_margin),
         "factor_dtype": getattr(transform, "factor_dtype", None) or "",
+        # empty: A read as stored (files before centering existed have none)
+        "centered": "True" if getattr(transform, "centered", False) else "",
     }
 
 
@@ -224,6 +226,12 @@ def load_transform(
         kwargs["guard_margin"] = _number(path, metadata, "guard_margin", float)
     if metadata.get("factor_dtype"):
         kwargs["factor_dtype"] = metadata["factor_dtype"]
+    if metadata.get("centered") not in (None, "", "True"):
+        raise ValueError(f"{path}: metadata 'centered' is {metadata['centered']!r}, not True")
+    if metadata.get("centered") == "True":
+        if family != "lowrank":
+            raise ValueError(f"{path}: metadata 'centered' is for lowrank, not {family}")
+        kwargs["centered"] = True
     if family in ("lowrank", "dense"):  # diag_lowrank always has its bias
         if metadata.get("bias", "False") not in ("True", "False"):
             raise ValueError(f"{path}: metadata 'bias' is {metadata['bias']!r}, not True or False")

@@ -38,8 +38,8 @@ def purify_dataset(
     dataset's format. A ``DatasetDict`` is purified split by split; an
     ``IterableDataset`` (``streaming=True``) lazily, as it is read (NumPy rows
     unless it has a format). Rows that
-    are log-probs, not logits, are refused unless ``allow_log_probs`` (the
-    transform is not shift-invariant; checked on the first batch)."""
+    are log-probs, not logits, are refused unless ``allow_log_probs`` or the
+    transform is shift-invariant (``centered``; checked on the first batch)."""
     check_transform(transform)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -91,7 +91,7 @@ def _purify_split(
         desc=f"purify {name}".strip(),
         disable=not progress or lazy,
     )
-    unchecked = not allow_log_probs
+    unchecked = not (allow_log_probs or transform.shift_invariant)
 
     def one_batch(batch: dict[str, Any], indices: list[int]) -> dict[str, np.ndarray]:
         try:

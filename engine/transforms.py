@@ -52,6 +52,12 @@ class LogitTransform(nn.Module):
         self.guard_margin = None if guard_margin is None else float(guard_margin)
         self._served: tuple[list, dict[str, Tensor | None]] | None = None
 
+    @property
+    def shift_invariant(self) -> bool:
+        """Whether ``T(z + c·1) = T(z) + c·1``: then logits and log-probs (``z``
+        less its log-sum-exp) purify to the same distribution."""
+        return False
+
     def kernel_params(self) -> dict[str, Tensor | None]:
         """The tensors :func:`cmiguard.kernels.reference.affine_logits` takes."""
         raise NotImplementedError
@@ -142,8 +148,10 @@ class LogitTransform(nn.Module):
 
     def extra_repr(self) -> str:
         guard = "" if self.guard_margin is None else f", guard_margin={self.guard_margin}"
+        centered = ", centered=True" if getattr(self, "centered", False) else ""
         return (
-            f"vocab_size={self.vocab_size}, rank={self.rank}, temperature={self.temperature}{guard}"
+            f"vocab_size={self.vocab_size}, rank={self.rank}, temperature={self.temperature}"
+            f"{guard}{centered}"
         )
 
 
@@ -163,6 +171,7 @@ class _LowRank(LogitTransform):
     a: nn.Parameter
     b: nn.Parameter
     factor_dtype: str | None = None
+    centered: bool = False
 
     def _set_factor_dtype(self, factor_dtype: str | None) -> None:
         if factor_dtype not in FACTOR_DTYPES:
@@ -170,10 +179,12 @@ class _LowRank(LogitTransform):
         self.factor_dtype = factor_dtype
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """``(A, B)`` as the kernels and the twin read them (rounded to
-        ``factor_dtype`` when set; differentiable to the fp32 parameters)."""
+        """``(A, B)`` as the kernels and the twin read them (``A``'s columns
+        centred when ``centered``, rounded to ``factor_dtype`` when set;
+        differentiable to the fp32 parameters)."""
+        a = self.a - self.a.mean(0, keepdim=True) if self.centered else self.a
         dtype = FACTOR_DTYPES[self.factor_dtype]
-        return (self.a, self.b) if dtype is None else (self.a.to(dtype), self.b.to(dtype))
+        return (a, self.b) if dtype is None else (a.to(dtype), self.b.to(dtype))
 
 
 def _low_rank_factors(
@@ -199,7 +210,10 @@ class LowRankTransform(_LowRank):
 
     ``init="lora"``: ``A ~ N(0, 1)`` and ``B = 0``, so that ``T`` starts as the
     identity while ``B``'s gradient is not zero; ``init="seed"``: ``A = 0``,
-    ``B ~ N(0, 1)`` (see :data:`INITS`).
+    ``B ~ N(0, 1)`` (see :data:`INITS`). ``centered=True`` reads ``z`` through
+    ``A`` less its column means (``1ᵀA = 0``), so ``T`` is shift-invariant and
+    purifies stored log-probs as it does logits; its factors stay fp32, as
+    rounding them to bf16 would undo the zero column sums.
     """
 
     family = "lowrank"
@@ -214,11 +228,22 @@ class LowRankTransform(_LowRank):
         init_scale: float = 0.0,
         guard_margin: float | None = None,
         factor_dtype: str | None = None,
+        centered: bool = False,
     ) -> None:
         super().__init__(vocab_size, rank, temperature, guard_margin)
         self.a, self.b = _low_rank_factors(vocab_size, rank, init, init_scale)
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
         self._set_factor_dtype(factor_dtype)
+        if centered and factor_dtype is not None:
+            raise ValueError(
+                "a centered transform keeps fp32 factors: rounding A to bf16 breaks its zero "
+                "column sums, and with them the shift invariance"
+            )
+        self.centered = bool(centered)
+
+    @property
+    def shift_invariant(self) -> bool:
+        return self.centered
 
     def kernel_params(self) -> dict[str, Tensor | None]:
         a, b = self.factors()

@@ -62,7 +62,8 @@ def check_not_log_probs(rows: Tensor, fix: str) -> None:
             "every row's logsumexp is 0: these are log-probabilities, not logits. A "
             "transform maps a model's logits and is not shift-invariant (T(z + c) is not "
             "T(z) + c), so on log-probs it applies another map than the one trained and "
-            f"evaluated. Purify the model's logits, or {fix} to purify these anyway"
+            f"evaluated. Purify the model's logits, or {fix} to purify these anyway (a "
+            "centered transform, cmiguard train --centered, maps both alike)"
         )
 
 

@@ -21,6 +21,7 @@ from tests.conftest import random_logits, trained_like
     "transform",
     [
         LowRankTransform(50, 4, bias=True, temperature=2.0),
+        LowRankTransform(50, 4, centered=True),
         DiagLowRankTransform(50, 3),
         DenseTransform(50),
     ],
@@ -31,6 +32,7 @@ def test_round_trip(tmp_path, transform):
     save_transform(transform, path, vocab_fingerprint="abc")
     loaded = load_transform(path, vocab_size=50, vocab_fingerprint="abc")
     assert type(loaded) is type(transform) and loaded.temperature == transform.temperature
+    assert loaded.shift_invariant == transform.shift_invariant
     z = random_logits(4, 50)
     with torch.no_grad():
         torch.testing.assert_close(loaded(z), transform(z))
@@ -96,6 +98,8 @@ def test_unknown_version_and_foreign_files_are_refused(tmp_path):
         ({"vocab_size": "{"}, "metadata 'vocab_size' is '{', not an integer"),
         ({"temperature": "hot"}, "metadata 'temperature' is 'hot', not a number"),
         ({"bias": "yes"}, "metadata 'bias' is 'yes', not True or False"),
+        ({"centered": "yes"}, "metadata 'centered' is 'yes', not True"),
+        ({"centered": "True", "family": "dense"}, "metadata 'centered' is for lowrank, not dense"),
         ({"temperature": "0"}, r"makes no transform \(temperature must be finite and > 0"),
         ({"temperature": "inf"}, r"makes no transform \(temperature must be finite and > 0"),
         ({"rank": "0"}, r"makes no transform \(rank must be >= 1"),

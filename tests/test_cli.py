@@ -518,6 +518,29 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
         assert "argument --data: no such file or directory: nope.jsonl" in capsys.readouterr().err
 
 
+def test_train_starts_each_family_as_it_can(capsys):
+    """The low-rank start (init_scale 1e-6) was applied to dense too, so
+    `cmiguard train --family dense` was refused for options nobody gave."""
+    from cmiguard.cli import build_parser
+    from cmiguard.cli.train import _config
+
+    def config(*argv):
+        return _config(build_parser().parse_args(["train", "--out", "x", *argv]))
+
+    dense = config("--family", "dense")
+    assert (dense.family, dense.init, dense.init_scale) == ("dense", "lora", 0.0)
+    low = config()
+    assert (low.init, low.init_scale) == ("lora", 1e-6)
+    assert config("--init", "seed", "--init-scale", "0").init_scale == 0.0
+    assert config("--centered").centered
+    with pytest.raises(ValueError, match="not for dense"):
+        config("--family", "dense", "--init-scale", "0.1")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random start of the zero factor (default: 1e-06)" in text
+
+
 def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
     """train and demo used to train, then fail on mkdir with a traceback."""
     taken = tmp_path / "taken"

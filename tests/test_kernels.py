@@ -28,6 +28,8 @@ from tests.conftest import random_logits, trained_like
 DEVICE = "cuda" if os.environ.get("CMIGUARD_TEST_COMPILED") else "cpu"
 MAKERS = {
     "lowrank": lambda v: LowRankTransform(v, 5),
+    # A's columns centred in a differentiable step before the kernels read it
+    "lowrank_centered": lambda v: LowRankTransform(v, 4, bias=True, centered=True),
     "diag_lowrank": lambda v: DiagLowRankTransform(v, 3),
     "dense": lambda v: DenseTransform(v),
 }
@@ -334,7 +336,7 @@ def test_the_purify_kernels_check_the_input_as_they_write(force, output, path):
     torch.testing.assert_close(clean, twin, rtol=1e-5, atol=2e-4)  # a row holds ±1e4
 
 
-@pytest.mark.parametrize("family", ["lowrank", "diag_lowrank"])
+@pytest.mark.parametrize("family", ["lowrank", "lowrank_centered", "diag_lowrank"])
 @pytest.mark.parametrize("estimator", ["exact", "streaming"])
 @pytest.mark.parametrize(("lams", "tau"), [((1.0, 1.0, 0.0), 1.0), ((0.7, 0.3, 0.5), 1.6)])
 def test_the_two_pass_backward_matches_float64(family, estimator, lams, tau, force):

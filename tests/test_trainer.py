@@ -141,6 +141,45 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert "lr=" not in str(e.value)  # only what differs is named
 
 
+def test_a_centered_run_trains_a_shift_invariant_transform_that_purifies_log_probs(tmp_path):
+    """``--centered`` end to end: trained, saved, loaded and given stored log-probs
+    by ``cmiguard purify`` (no --allow-log-probs needed), which match the logits'."""
+    import numpy as np
+
+    from cmiguard import load_transform, purify
+    from cmiguard.checkpoint import load_checkpoint, save_checkpoint
+    from cmiguard.cli import main
+
+    teacher = tiny_model(96)
+    config = TrainConfig(objective="cmi", rank=4, lr=1e-2, batch_size=5, centered=True)
+    result = train(config, teacher, tiny_examples(), 0, out_dir=tmp_path, progress=False)
+    moved = result.transform.a - result.transform.a.mean(0)
+    assert result.transform.shift_invariant and result.transform.distance_from_identity() > 0
+    loaded = load_transform(tmp_path / "transform.safetensors")
+    assert loaded.shift_invariant
+    torch.testing.assert_close(loaded.kernel_params()["a"], moved)
+    z = torch.randn(5, 96) * 3
+    np.save(tmp_path / "logp.npy", torch.log_softmax(z, -1).numpy())
+    saved = str(tmp_path / "transform.safetensors")
+    argv = ["purify", str(tmp_path / "logp.npy"), "--transform", saved, "--output", "logprobs"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    got = torch.from_numpy(np.load(tmp_path / "out" / "logp.npy"))
+    torch.testing.assert_close(got, purify(z, loaded, output="logprobs"), rtol=1e-4, atol=1e-4)
+    for family in ("diag_lowrank", "dense"):
+        with pytest.raises(ValueError, match=f"centered is for the lowrank family, not {family}"):
+            TrainConfig(family=family, centered=True)
+    # a checkpoint written before the setting existed resumes as uncentred
+    plain = TrainConfig(objective="cmi", rank=4, lr=1e-2, batch_size=5, epochs=2)
+    train(plain, teacher, tiny_examples(), 0, out_dir=tmp_path / "old", progress=False,
+          stop_after=1)  # fmt: skip
+    state = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    del state["config"]["centered"]
+    save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
+    resumed = train(plain, teacher, tiny_examples(), 0, out_dir=tmp_path / "old", resume=True,
+                    progress=False)  # fmt: skip
+    assert resumed.resumed_from == 1 and not resumed.transform.shift_invariant
+
+
 def test_training_runs_on_the_teachers_device():
     """On a GPU (bench/gpu.sh runs this compiled) the kernels train what the CPU twin does."""
     config = TrainConfig(objective="cmi", estimator="streaming", rank=4, batch_size=5, lr=3e-3)

@@ -81,6 +81,34 @@ def test_fold_equals_transform_of_head(make):
         torch.testing.assert_close(h @ w2.t() + c2, t(h @ e.t() + c), rtol=1e-4, atol=1e-4)
 
 
+def test_a_centered_transform_is_shift_invariant_and_folds():
+    """``1ᵀA = 0``: logits, shifted logits and log-probs purify to one distribution
+    (an uncentred map gives another for log-probs); the map still folds."""
+    v = 300
+    z = random_logits(6, v, seed=4) * 4
+    shifted = z + torch.linspace(-40, 40, 6).unsqueeze(1)
+    log_p = torch.log_softmax(z, dim=-1)
+    for centered in (False, True):
+        t = trained_like(LowRankTransform(v, 4, bias=True, centered=centered), scale=0.3)
+        with torch.no_grad():
+            t.a.add_(0.5)  # column means far from zero: centring has work to do
+        assert t.shift_invariant == centered
+        want = purify(z, t, output="logprobs", temperature=1.3)
+        for other in (shifted, log_p):
+            got = purify(other, t, output="logprobs", temperature=1.3)
+            if centered:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            else:
+                assert (got - want).abs().max() > 0.1
+    e, c, h = torch.randn(v, 16), torch.randn(v), torch.randn(10, 16)
+    w2, c2 = t.fold(e, c)
+    with torch.no_grad():
+        torch.testing.assert_close(h @ w2.t() + c2, t(h @ e.t() + c), rtol=1e-4, atol=1e-4)
+    assert "centered=True" in repr(t)
+    with pytest.raises(ValueError, match="a centered transform keeps fp32 factors"):
+        LowRankTransform(v, 4, centered=True, factor_dtype="bfloat16")
+
+
 def test_purify_rejects_bad_arguments():
     t = LowRankTransform(10, 2)
     for tau in (0.0, float("inf"), float("nan")):

@@ -63,7 +63,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
                 f"{shard.path} has vocab {shard.shape[1]}, the transform vocab_size="
                 f"{transform.vocab_size}"
             )
-        if not args.allow_log_probs and shard.shape[0]:
+        if not (args.allow_log_probs or transform.shift_invariant) and shard.shape[0]:
             try:
                 check_not_log_probs(next(shard.blocks(args.block_rows)), "pass --allow-log-probs")
             except ValueError as exc:

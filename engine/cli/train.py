@@ -44,14 +44,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "vocabularies only)",
     )
     p.add_argument("--rank", type=int, default=d.rank, help="columns of the factors A and B")
+    # None: the low-rank families start as the demo does; dense has no factors to start
     p.add_argument(
         "--init",
         choices=INITS,
-        default=d.init,
-        help="which low-rank factor starts at zero: lora (B) or seed (A: the seed's (I + AB)z)",
+        default=None,
+        help="which low-rank factor starts at zero: lora (B) or seed (A: the seed's (I + AB)z) "
+        f"(default: {d.init})",
     )
     p.add_argument(
-        "--init-scale", type=float, default=d.init_scale, help="random start of the zero factor"
+        "--init-scale",
+        type=float,
+        default=None,
+        help=f"random start of the zero factor (default: {d.init_scale:g})",
     )
     p.add_argument(
         "--guard-margin",
@@ -78,6 +83,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         choices=("bfloat16",),
         default=d.factor_dtype,
         help="the kernels read the low-rank factors in bf16 (fp32 masters are trained)",
+    )
+    p.add_argument(
+        "--centered",
+        action="store_true",
+        help="lowrank: centre A's columns, so the map is shift-invariant and purifies "
+        "stored log-probs as it does logits",
     )
     p.add_argument(
         "--epochs", type=at_least_one, default=d.epochs, help="passes over the training rows"
@@ -123,7 +134,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` fields the command line sets (same names)."""
+    from cmiguard.train.demo import default_train_config
+
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    for name in ("init", "init_scale"):  # not given: the demo's start, or dense's none
+        if values.get(name) is None:
+            values.pop(name, None)
+            if values["family"] != "dense":
+                values[name] = getattr(default_train_config(), name)
     return TrainConfig(**values)
 
 

@@ -69,6 +69,8 @@ class TrainConfig:
     guard_margin: float | None = None
     # the kernels read A and B in bf16 (the parameters stay fp32 masters)
     factor_dtype: str | None = None
+    # A's columns centred: a shift-invariant map (lowrank only)
+    centered: bool = False
     utility: str = "ce"
     epochs: int = 1
     batch_size: int = 8
@@ -116,6 +118,16 @@ class TrainConfig:
         check_alpha(self.alpha)
         if self.family == "dense" and (self.init != "lora" or self.init_scale):
             raise ValueError("init and init_scale choose the low-rank factors: not for dense")
+        if self.centered and self.factor_dtype is not None:
+            raise ValueError(
+                "centered keeps fp32 factors: rounding A to bf16 breaks its zero column sums, "
+                "and with them the shift invariance"
+            )
+        if self.centered and self.family != "lowrank":
+            raise ValueError(
+                f"centered is for the lowrank family, not {self.family} (its scale d or "
+                "dense W would still move with a shift of the logits)"
+            )
 
 
 @dataclass
@@ -156,6 +168,8 @@ def build_transform(config: TrainConfig, vocab: int) -> LogitTransform:
             "init_scale": config.init_scale,
             "factor_dtype": config.factor_dtype,
         }
+    if config.centered:
+        kwargs["centered"] = True
     return make_transform(config.family, vocab, config.rank, **kwargs)
 
 
@@ -228,10 +242,12 @@ def train(
     digest = rows_digest([*examples, *validation])
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        if state["config"] != asdict(config):
+        # a setting added since the checkpoint was written has its default there
+        saved = {**asdict(TrainConfig()), **state["config"]}
+        if saved != asdict(config):
             raise ValueError(
                 f"{ckpt_path} was written with other settings: "
-                f"{changed_settings(state['config'], asdict(config))}; resume needs the same "
+                f"{changed_settings(saved, asdict(config))}; resume needs the same "
                 "(or choose another output folder)"
             )
         if state.get("rows_digest", digest) != digest:  # (checkpoints before 2026-12-07 have none)
