@@ -76,13 +76,14 @@ class LogitTransform(nn.Module):
             if any(p.is_inference() for p in tensors)
             else [(p.data_ptr(), p._version) for p in tensors]
         )
-        if key is None or self._served is None or self._served[0] != key:
+        served = getattr(self, "_served", None)  # (a module pickled before it existed)
+        if key is None or served is None or served[0] != key:
             with torch.no_grad():
                 params = self.kernel_params()
             params = {k: v if v is None else v.detach() for k, v in params.items()}
             self._served = None if key is None else (key, params)
             return params
-        return self._served[1]
+        return served[1]
 
     def forward(self, logits: Tensor) -> Tensor:
         if logits.shape[-1] != self.vocab_size:
