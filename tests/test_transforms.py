@@ -135,3 +135,11 @@ def test_a_dense_map_too_large_to_hold_is_refused():
     with pytest.raises(ValueError, match=r"16,385² weights \(1.0 GiB in fp32\)"):
         DenseTransform(16_385)
     assert DenseTransform(16).weight.shape == (16, 16)
+
+
+def test_a_transform_pickled_before_the_serving_cache_still_purifies():
+    t = trained_like(LowRankTransform(30, 2), scale=0.05)
+    z = random_logits(3, 30)
+    want = purify(z, t)
+    del t._served  # as torch.load gives a module saved before the attribute existed
+    torch.testing.assert_close(purify(z, t), want)
