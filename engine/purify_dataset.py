@@ -37,9 +37,9 @@ def purify_dataset(
     conversion costs many times the transform itself); the result keeps the
     dataset's format. A ``DatasetDict`` is purified split by split; an
     ``IterableDataset`` (``streaming=True``) lazily, as it is read (NumPy rows
-    unless it has a format). Rows that
-    are log-probs, not logits, are refused unless ``allow_log_probs`` or the
-    transform is shift-invariant (``centered``; checked on the first batch)."""
+    unless it has a format). Rows that are log-probs, not logits, are refused
+    unless ``allow_log_probs`` or the transform is shift-invariant
+    (``centered``; checked on the first batch)."""
     check_transform(transform)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
