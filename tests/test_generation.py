@@ -49,6 +49,19 @@ def test_beam_search_purifies_logits_not_the_log_probs_it_hands_processors():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_head_that_is_not_called_is_named_not_left_raw():
+    """A model whose logits bypass its output-embeddings module would return raw
+    logits from a hook that never fired: refused, as is a model without a head."""
+    model, transform = tiny_model(128), LowRankTransform(128, 2)
+    ids = torch.randint(0, 128, (1, 4))
+    model.get_output_embeddings = lambda: torch.nn.Linear(64, 128)  # not what forward calls
+    with pytest.raises(RuntimeError, match="without calling its LM head module"):
+        generate_purified(model, transform, input_ids=ids, max_new_tokens=2, pad_token_id=0)
+    model.get_output_embeddings = lambda: None
+    with pytest.raises(ValueError, match="has no output embeddings"):
+        generate_purified(model, transform, input_ids=ids, max_new_tokens=2, pad_token_id=0)
+
+
 def test_padded_vocabulary_is_masked():
     transform = LowRankTransform(100, 2)
     scores = torch.randn(2, 128)
