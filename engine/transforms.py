@@ -165,6 +165,21 @@ def check_transform(transform: object) -> None:
         )
 
 
+def check_centered(family: str, factor_dtype: str | None) -> None:
+    """``centered`` (``1ᵀA = 0``) makes only the low-rank map shift-invariant, and
+    only while its factors stay fp32."""
+    if family != "lowrank":
+        raise ValueError(
+            f"centered is for the lowrank family, not {family} (its scale d or dense W "
+            "would still move with a shift of the logits)"
+        )
+    if factor_dtype is not None:
+        raise ValueError(
+            "a centered transform keeps fp32 factors: rounding A to bf16 breaks its zero "
+            "column sums, and with them the shift invariance"
+        )
+
+
 class _LowRank(LogitTransform):
     """The low-rank part shared by the low-rank families: ``A``, ``B`` and the
     dtype the kernels read them in."""
@@ -235,11 +250,8 @@ class LowRankTransform(_LowRank):
         self.a, self.b = _low_rank_factors(vocab_size, rank, init, init_scale)
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
         self._set_factor_dtype(factor_dtype)
-        if centered and factor_dtype is not None:
-            raise ValueError(
-                "a centered transform keeps fp32 factors: rounding A to bf16 breaks its zero "
-                "column sums, and with them the shift invariance"
-            )
+        if centered:
+            check_centered(self.family, factor_dtype)
         self.centered = bool(centered)
 
     @property

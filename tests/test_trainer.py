@@ -168,6 +168,8 @@ def test_a_centered_run_trains_a_shift_invariant_transform_that_purifies_log_pro
     for family in ("diag_lowrank", "dense"):
         with pytest.raises(ValueError, match=f"centered is for the lowrank family, not {family}"):
             TrainConfig(family=family, centered=True)
+    with pytest.raises(ValueError, match="a centered transform keeps fp32 factors"):
+        TrainConfig(centered=True, factor_dtype="bfloat16")
     # a checkpoint written before the setting existed resumes as uncentred
     plain = TrainConfig(objective="cmi", rank=4, lr=1e-2, batch_size=5, epochs=2)
     train(plain, teacher, tiny_examples(), 0, out_dir=tmp_path / "old", progress=False,

@@ -137,11 +137,12 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     from cmiguard.train.demo import default_train_config
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    start = default_train_config()
     for name in ("init", "init_scale"):  # not given: the demo's start, or dense's none
         if values.get(name) is None:
             values.pop(name, None)
             if values["family"] != "dense":
-                values[name] = getattr(default_train_config(), name)
+                values[name] = getattr(start, name)
     return TrainConfig(**values)
 
 

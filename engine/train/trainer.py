@@ -46,7 +46,14 @@ from cmiguard.train.objectives import (
     utility_loss,
 )
 from cmiguard.train.rows import RowSet, teacher_rows, with_residuals
-from cmiguard.transforms import FAMILIES, INITS, LogitTransform, check_dense, make_transform
+from cmiguard.transforms import (
+    FAMILIES,
+    INITS,
+    LogitTransform,
+    check_centered,
+    check_dense,
+    make_transform,
+)
 
 OBJECTIVES = ("paper", "cmi")
 # the seed's selection rule: answers kept within 1 point, argmax on ≥ 99% of rows
@@ -118,16 +125,8 @@ class TrainConfig:
         check_alpha(self.alpha)
         if self.family == "dense" and (self.init != "lora" or self.init_scale):
             raise ValueError("init and init_scale choose the low-rank factors: not for dense")
-        if self.centered and self.factor_dtype is not None:
-            raise ValueError(
-                "centered keeps fp32 factors: rounding A to bf16 breaks its zero column sums, "
-                "and with them the shift invariance"
-            )
-        if self.centered and self.family != "lowrank":
-            raise ValueError(
-                f"centered is for the lowrank family, not {self.family} (its scale d or "
-                "dense W would still move with a shift of the logits)"
-            )
+        if self.centered:  # refused here, before any teacher row is computed
+            check_centered(self.family, self.factor_dtype)
 
 
 @dataclass
