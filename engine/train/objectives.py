@@ -25,9 +25,10 @@ from cmiguard.validation import (
 )
 
 
-def _triton_objective(logits, labels, transform, estimator, state, lams):
-    """The fused-kernel path: operands instead of a materialised ``T(z)``; for a
-    low-rank transform on logits that need no gradient, the two-pass backward
+def _triton_objective(logits, labels, transform, params, estimator, state, lams):
+    """The fused-kernel path (``params``: the transform's ``kernel_params()``):
+    operands instead of a materialised ``T(z)``; for a low-rank transform on
+    logits that need no gradient, the two-pass backward
     (:mod:`cmiguard.kernels.objective_backward`)."""
     from cmiguard.kernels.cmi_loss import (
         ProjectFunction,
@@ -37,7 +38,6 @@ def _triton_objective(logits, labels, transform, estimator, state, lams):
     from cmiguard.kernels.objective_backward import fused_objective
     from cmiguard.kernels.purify import transform_operands
 
-    params = transform.kernel_params()
     # the guard is not affine: the kernels take the guarded T(z) as given, autograd the rest
     given = params.get("weight") is not None or transform.guard_margin is not None
     x = transform.apply_fp32(logits) if given else None
@@ -113,9 +113,10 @@ def anti_distillation_loss(
         from cmiguard.kernels.objective_backward import fusable
 
         # the fused step checks the values as it reads them: no validation pass
-        fused = transform.guard_margin is None and fusable(logits, transform.kernel_params())
+        params = transform.kernel_params()  # (a centred A is built once a step)
+        fused = transform.guard_margin is None and fusable(logits, params)
         logits, labels = _check_rows(logits, labels, transform, scan=not fused)
-        loss, stats = _triton_objective(logits, labels, transform, estimator, state, lams)
+        loss, stats = _triton_objective(logits, labels, transform, params, estimator, state, lams)
     else:
         logits, labels, t = _transformed(logits, labels, transform)
         log_q = None
