@@ -49,6 +49,30 @@ def test_beam_search_purifies_logits_not_the_log_probs_it_hands_processors():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_processor_refuses_beam_search_log_probs_unless_the_transform_is_centred():
+    """The processor cannot see ``z`` in beam search, only ``log p``: an uncentred
+    transform is refused there; a centred one beam-searches what the folded model
+    does (``T(z − c) = T(z) − c``, renormalised)."""
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(4))
+    beams = {"num_beams": 3, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"return_dict_in_generate": True, "output_scores": True, **beams}
+    uncentred = trained_like(LowRankTransform(128, 4), scale=0.3)
+    processor = PurifyLogitsProcessor(uncentred)
+    with pytest.raises(ValueError, match="handed log-probs.*generate_purified"):
+        tiny_model(128).generate(input_ids=ids, logits_processor=[processor], **beams)
+    # greedy decoding hands it logits: purified as before
+    logits = torch.randn(2, 128) * 5 + 20
+    torch.testing.assert_close(processor(ids, logits), purify(logits, uncentred))
+    centred = trained_like(LowRankTransform(128, 4, centered=True, temperature=1.5), scale=0.3)
+    got = tiny_model(128).generate(
+        input_ids=ids, logits_processor=[PurifyLogitsProcessor(centred)], **kwargs
+    )
+    want = fold_into_lm_head(tiny_model(128), centred).generate(input_ids=ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, ref in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_head_that_is_not_called_is_named_not_left_raw():
     """A model whose logits bypass its output-embeddings module would return raw
     logits from a hook that never fired: refused, as is a model without a head."""

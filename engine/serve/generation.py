@@ -7,9 +7,10 @@ included): every decoding mode, penalty and warper, ``output_scores`` and
 
 ``PurifyLogitsProcessor`` purifies what ``generate()`` hands processors. In
 greedy decoding and sampling that is the logits, after the built-in
-penalties and before temperature, top-k and top-p; but beam search hands
-them log-probs, and ``T`` is not shift-invariant (``T(log p)`` is another
-map), and ``output_logits=True`` still returns the raw logits. Prefer
+penalties and before temperature, top-k and top-p. Beam search hands them
+log-probs, and ``T`` is not shift-invariant (``T(log p)`` is another map):
+there the processor takes only a centred transform, and refuses others.
+``output_logits=True`` still returns the raw logits. Prefer
 :func:`generate_purified`.
 """
 
@@ -23,14 +24,16 @@ from transformers import LogitsProcessor
 
 from cmiguard.purify import purify
 from cmiguard.transforms import LogitTransform, check_transform
-from cmiguard.validation import check_temperature
+from cmiguard.validation import are_log_probs, check_temperature
 
 
 class PurifyLogitsProcessor(LogitsProcessor):
     """``scores -> T(scores)/τ`` on every generation step, batched, CPU or CUDA.
 
     ``scores.shape[-1]`` is ``config.vocab_size``, which may be padded past the
-    transform's vocabulary: padded columns are masked to ``-inf``.
+    transform's vocabulary: padded columns are masked to ``-inf``. Log-prob
+    scores (beam search's) give the purified model's log-probs if the transform
+    is shift-invariant, and are refused otherwise rather than purified wrongly.
     """
 
     def __init__(self, transform: LogitTransform, temperature: float | None = None) -> None:
@@ -41,7 +44,19 @@ class PurifyLogitsProcessor(LogitsProcessor):
         self.temperature = temperature
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        return purify_padded(scores, self.transform, self.temperature)
+        if not are_log_probs(scores):
+            return purify_padded(scores, self.transform, self.temperature)
+        if not self.transform.shift_invariant:
+            raise ValueError(
+                "PurifyLogitsProcessor was handed log-probs (every row's logsumexp is 0), as "
+                "beam search hands processors; this transform is not shift-invariant, so it "
+                "would serve T(log p), another map than T(z). Use cmiguard.generate_purified, "
+                "which purifies the LM head's logits in every decoding mode, or a centered "
+                "transform (cmiguard train --centered)"
+            )
+        # T(z − c) = T(z) − c: renormalised, these are log_softmax(T(z)/τ), what the
+        # folded model's beam search adds up
+        return torch.log_softmax(purify_padded(scores, self.transform, self.temperature), -1)
 
 
 def purify_padded(scores: Tensor, transform: LogitTransform, temperature: float | None) -> Tensor:
