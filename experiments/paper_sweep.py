@@ -71,6 +71,14 @@ SETTINGS: dict[str, dict] = {
         "lr": 1e-4,
         **GUARD,
     },
+    # the same, shift-invariant (1ᵀA = 0): logits and log-probs purify alike
+    "cmi-guard-teacher_ce-lr1e-4-centered": {
+        "objective": "cmi",
+        "utility": "teacher_ce",
+        "lr": 1e-4,
+        "centered": True,
+        **GUARD,
+    },
 }
 
 
