@@ -54,22 +54,28 @@ class PurifyLogitsProcessor(LogitsProcessor):
                 "which purifies the LM head's logits in every decoding mode, or a centered "
                 "transform (cmiguard train --centered)"
             )
-        # T(z − c) = T(z) − c: renormalised, these are log_softmax(T(z)/τ), what the
+        # T(z − c) = T(z) − c: as log-probs, these are log_softmax(T(z)/τ), what the
         # folded model's beam search adds up
-        return torch.log_softmax(purify_padded(scores, self.transform, self.temperature), -1)
+        return purify_padded(scores, self.transform, self.temperature, "logprobs")
 
 
-def purify_padded(scores: Tensor, transform: LogitTransform, temperature: float | None) -> Tensor:
-    """Purify the first ``transform.vocab_size`` columns; mask any padding beyond."""
+def purify_padded(
+    scores: Tensor,
+    transform: LogitTransform,
+    temperature: float | None,
+    output: str = "logits",
+) -> Tensor:
+    """Purify the first ``transform.vocab_size`` columns; mask any padding beyond
+    (``output`` as :func:`cmiguard.purify` takes it)."""
     v = transform.vocab_size
     if scores.shape[-1] < v:
         raise ValueError(
             f"scores have {scores.shape[-1]} columns, fewer than the transform's vocab_size={v}"
         )
     if scores.shape[-1] == v:
-        return purify(scores, transform, temperature)
+        return purify(scores, transform, temperature, output)
     out = torch.full_like(scores, float("-inf"))
-    out[..., :v] = purify(scores[..., :v].contiguous(), transform, temperature)
+    out[..., :v] = purify(scores[..., :v].contiguous(), transform, temperature, output)
     return out
 
 
