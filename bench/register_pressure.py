@@ -62,7 +62,12 @@ BF16_IO = {"x_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16", "flags_ptr": 
 LABELS = {"labels_ptr": "*i64", "group_ptr": "*i64"}
 # (name, kernel, constexprs beyond the tile, pointer types): the low-rank fp32-factor path
 KERNELS = [
-    ("project (u = zA)", project_kernel, {"R": RANK, "CHECK": True, "ARGMAX": False}, BF16_IO),
+    (
+        "project (u = zA)",
+        project_kernel,
+        {"R": RANK, "CHECK": True, "ARGMAX": False, "CENTERED": False},
+        BF16_IO,
+    ),
     ("lse", lse_kernel, {**FLAGS, "NEED_T": True, "NEED_Z": True, "GUARD": False}, BF16_IO),
     (
         "purify write",
@@ -80,7 +85,7 @@ KERNELS = [
     (
         "train grad_factors",
         grad_factors_kernel,
-        {**FLAGS, "NEED_KL": True},
+        {**FLAGS, "NEED_KL": True, "CENTERED": False},
         {**LABELS, "x_ptr": "*bf16"},
     ),
 ]

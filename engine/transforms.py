@@ -50,7 +50,7 @@ class LogitTransform(nn.Module):
         self.rank = int(rank)
         self.temperature = float(temperature)
         self.guard_margin = None if guard_margin is None else float(guard_margin)
-        self._served: tuple[list, dict[str, Tensor | None]] | None = None
+        self._served: tuple[list, dict[str, Tensor | bool | None]] | None = None
 
     @property
     def shift_invariant(self) -> bool:
@@ -58,11 +58,12 @@ class LogitTransform(nn.Module):
         less its log-sum-exp) purify to the same distribution."""
         return False
 
-    def kernel_params(self) -> dict[str, Tensor | None]:
-        """The tensors :func:`cmiguard.kernels.reference.affine_logits` takes."""
+    def kernel_params(self) -> dict[str, Tensor | bool | None]:
+        """What :func:`cmiguard.kernels.reference.affine_logits` takes: the
+        tensors, and ``centered: True`` for a centred map."""
         raise NotImplementedError
 
-    def served_params(self) -> dict[str, Tensor | None]:
+    def served_params(self) -> dict[str, Tensor | bool | None]:
         """:meth:`kernel_params` detached, for serving: the same tensors on every
         call while the parameters keep their storage and see no in-place update
         (an optimizer step, ``load_state_dict``), so factors rounded to
@@ -80,7 +81,7 @@ class LogitTransform(nn.Module):
         if key is None or served is None or served[0] != key:
             with torch.no_grad():
                 params = self.kernel_params()
-            params = {k: v if v is None else v.detach() for k, v in params.items()}
+            params = {k: v.detach() if isinstance(v, Tensor) else v for k, v in params.items()}
             self._served = None if key is None else (key, params)
             return params
         return served[1]
@@ -138,7 +139,7 @@ class LogitTransform(nn.Module):
             eye = torch.eye(self.vocab_size, device=params["weight"].device)
             sq = float(((params["weight"] - eye) ** 2).sum())
         else:
-            a, b = params["a"].double(), params["b"].double()  # as the kernels read them
+            a, b = self.linear_factors()
             sq = float(((a.T @ a) * (b.T @ b)).sum())  # ‖A Bᵀ‖² = tr((AᵀA)(BᵀB))
             if params.get("scale") is not None:
                 d = params["scale"].double() - 1
@@ -165,18 +166,12 @@ def check_transform(transform: object) -> None:
         )
 
 
-def check_centered(family: str, factor_dtype: str | None) -> None:
-    """``centered`` (``1ᵀA = 0``) makes only the low-rank map shift-invariant, and
-    only while its factors stay fp32."""
+def check_centered(family: str) -> None:
+    """``centered`` makes only the low-rank map shift-invariant."""
     if family != "lowrank":
         raise ValueError(
             f"centered is for the lowrank family, not {family} (its scale d or dense W "
             "would still move with a shift of the logits)"
-        )
-    if factor_dtype is not None:
-        raise ValueError(
-            "a centered transform keeps fp32 factors: rounding A to bf16 breaks its zero "
-            "column sums, and with them the shift invariance"
         )
 
 
@@ -196,11 +191,20 @@ class _LowRank(LogitTransform):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(A, B)`` as the kernels and the twin read them (``A``'s columns
-        centred when ``centered``, rounded to ``factor_dtype`` when set;
-        differentiable to the fp32 parameters)."""
+        centred when ``centered``, which keeps the kernels' mean term small,
+        then rounded to ``factor_dtype`` when set; differentiable to the fp32
+        parameters)."""
         a = self.a - self.a.mean(0, keepdim=True) if self.centered else self.a
         dtype = FACTOR_DTYPES[self.factor_dtype]
         return (a, self.b) if dtype is None else (a.to(dtype), self.b.to(dtype))
+
+    def linear_factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` in float64 such that the map of unmasked rows is
+        ``z + (z A) Bᵀ (+ b)``: the read factors, ``A``'s columns centred
+        again after rounding for a centred map (its mean term, see
+        :func:`~cmiguard.kernels.reference.mean_term`, is ``z (1 1ᵀ/V) A``)."""
+        a, b = (f.detach().double() for f in self.factors())
+        return (a - a.mean(0, keepdim=True) if self.centered else a), b
 
 
 def _low_rank_factors(
@@ -226,10 +230,10 @@ class LowRankTransform(_LowRank):
 
     ``init="lora"``: ``A ~ N(0, 1)`` and ``B = 0``, so that ``T`` starts as the
     identity while ``B``'s gradient is not zero; ``init="seed"``: ``A = 0``,
-    ``B ~ N(0, 1)`` (see :data:`INITS`). ``centered=True`` reads ``z`` through
-    ``A`` less its column means (``1ᵀA = 0``), so ``T`` is shift-invariant and
-    purifies stored log-probs as it does logits; its factors stay fp32, as
-    rounding them to bf16 would undo the zero column sums.
+    ``B ~ N(0, 1)`` (see :data:`INITS`). ``centered=True`` reads each row
+    through its deviations from the mean of its unmasked entries, so ``T`` is
+    shift-invariant (masks and bf16 factors included) and purifies stored
+    log-probs as it does logits.
     """
 
     family = "lowrank"
@@ -251,20 +255,23 @@ class LowRankTransform(_LowRank):
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
         self._set_factor_dtype(factor_dtype)
         if centered:
-            check_centered(self.family, factor_dtype)
+            check_centered(self.family)
         self.centered = bool(centered)
 
     @property
     def shift_invariant(self) -> bool:
         return self.centered
 
-    def kernel_params(self) -> dict[str, Tensor | None]:
+    def kernel_params(self) -> dict[str, Tensor | bool | None]:
         a, b = self.factors()
-        return {"a": a, "b": b, "bias": self.bias}
+        params: dict[str, Tensor | bool | None] = {"a": a, "b": b, "bias": self.bias}
+        if self.centered:
+            params["centered"] = True
+        return params
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         w = weight.float()
-        a, b = (f.float() for f in self.factors())
+        a, b = (f.float() for f in self.linear_factors())
         new_w = w + b @ (a.t() @ w)
         new_b = _fold_bias(self, bias)
         return new_w.to(weight.dtype), new_b
@@ -291,13 +298,13 @@ class DiagLowRankTransform(_LowRank):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self._set_factor_dtype(factor_dtype)
 
-    def kernel_params(self) -> dict[str, Tensor | None]:
+    def kernel_params(self) -> dict[str, Tensor | bool | None]:
         a, b = self.factors()
         return {"scale": self.scale, "a": a, "b": b, "bias": self.bias}
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         w = weight.float()
-        a, b = (f.float() for f in self.factors())
+        a, b = (f.float() for f in self.linear_factors())
         new_w = self.scale.float().unsqueeze(1) * w + b @ (a.t() @ w)
         return new_w.to(weight.dtype), _fold_bias(self, bias)
 
@@ -334,7 +341,7 @@ class DenseTransform(LogitTransform):
         self.weight = nn.Parameter(torch.eye(vocab_size))
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
-    def kernel_params(self) -> dict[str, Tensor | None]:
+    def kernel_params(self) -> dict[str, Tensor | bool | None]:
         return {"weight": self.weight, "bias": self.bias}
 
     def fold(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:

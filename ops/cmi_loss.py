@@ -183,24 +183,35 @@ def _ops(x: Tensor, u, b, scale, bias) -> dict[str, object]:
 
 
 class ProjectFunction(torch.autograd.Function):
-    """``u = z A`` (``-inf`` read as 0) with the gradient for ``A`` only."""
+    """``u = z A`` (``-inf`` read as 0; ``centered``: less the mean term) with
+    its gradients: for ``A``, ``z₀ᵀ ∂u`` (``z₀``: the rows read as the
+    projection reads them, centred for a centred map), and for ``z``,
+    ``∂u Aᵀ`` on the unmasked entries (centred over them)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, a: Tensor) -> Tensor:
-        ctx.save_for_backward(z, a)
-        return project(z, a)
+    def forward(ctx, z: Tensor, a: Tensor, centered: bool = False) -> Tensor:
+        projection = project(z, a, centered=centered)
+        ctx.save_for_backward(z, a, projection.mean)
+        return projection.u
 
     @staticmethod
     def backward(ctx, grad_u: Tensor):
-        z, a = ctx.saved_tensors
+        z, a, mean = ctx.saved_tensors
         grad_a = torch.zeros(z.shape[1], grad_u.shape[1], dtype=torch.float32, device=z.device)
         for rows in row_chunks(z.shape[0], z.shape[1]):
             zc = z[rows].float()
+            if mean is not None:
+                zc = zc - mean[rows, None]
             grad_a.addmm_(zc.masked_fill(torch.isneginf(zc), 0.0).t(), grad_u[rows])
         grad_z = None
         if ctx.needs_input_grad[0]:
-            grad_z = (grad_u @ a.float().t()).masked_fill(torch.isneginf(z), 0.0).to(z.dtype)
-        return grad_z, grad_a.to(a.dtype)
+            masked = torch.isneginf(z)
+            h = grad_u @ a.float().t()
+            if mean is not None:
+                kept = (~masked).sum(1, keepdim=True).clamp_min(1)
+                h = h - h.masked_fill(masked, 0.0).sum(1, keepdim=True) / kept
+            grad_z = h.masked_fill(masked, 0.0).to(z.dtype)
+        return grad_z, grad_a.to(a.dtype), None
 
 
 def stats_pass(

@@ -67,7 +67,7 @@ class DecodeGraph:
     def __init__(
         self,
         like: Tensor,
-        params: dict[str, Tensor | None],
+        params: dict[str, Tensor | bool | None],
         temperature: float,
         logprobs: bool,
         guard: float | None,
@@ -95,8 +95,9 @@ class DecodeGraph:
     def _launch(self) -> tuple[Tensor, Tensor]:
         """Project (with the input check), write and fix up ``self.z``: no host sync."""
         temperature, logprobs, guard, out_dtype = self.settings
-        u, j, counts = launch_project(
-            self.z, self.params["a"], self.tickets, check=True, argmax=guard is not None
+        centered = self.params.get("centered", False)
+        u, j, _, counts = launch_project(
+            self.z, self.params["a"], self.tickets, True, guard is not None, centered
         )
         ops = {"x": self.z, "u": u, "argmax": j, **column_operands(self.params)}
         out = torch.empty(self.z.shape, dtype=out_dtype, device=self.z.device)
@@ -126,7 +127,7 @@ _GRAPHS: OrderedDict[tuple, DecodeGraph] = OrderedDict()
 
 def purify_decode_graphed(
     rows: Tensor,
-    params: dict[str, Tensor | None],
+    params: dict[str, Tensor | bool | None],
     out: Tensor,
     temperature: float,
     logprobs: bool,
@@ -136,7 +137,7 @@ def purify_decode_graphed(
     ``out`` through its bucket's :class:`DecodeGraph`, made on first use."""
     bucket = bucket_rows(rows.shape[0])
     tensors = tuple(
-        (name, p.data_ptr(), tuple(p.shape), p.dtype)
+        (name, p.data_ptr(), tuple(p.shape), p.dtype) if isinstance(p, Tensor) else (name, p)
         for name, p in sorted(params.items())
         if p is not None
     )

@@ -10,7 +10,8 @@ forward's row statistics). What the parameters need of it:
   keeps its ``[BLOCK_N, R]`` share in registers; the chunks' shares are
   summed in a fixed order.
 * ``∂L/∂B = Gᵀ u``, ``∂L/∂A = z₀ᵀ (G B)``, ``∂L/∂d = Σ z₀ ⊙ G``,
-  ``∂L/∂b = Σ G``: reductions over the rows. :func:`grad_factors_kernel`,
+  ``∂L/∂b = Σ G`` (``z₀``: the logits as the projection reads them, masked
+  as 0, less each row's mean for a centred map): reductions over the rows. :func:`grad_factors_kernel`,
   one program per (vocabulary chunk, row split), walks its column tiles and,
   for each, every row block of its split, accumulating the four in
   registers; the row splits' shares are summed in a fixed order.
@@ -107,6 +108,7 @@ def grad_factors_kernel(
     gb_ptr,
     gs_ptr,
     gbias_ptr,
+    mean_ptr,
     N,
     V,
     v_chunk,
@@ -118,13 +120,15 @@ def grad_factors_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     NEED_KL: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """For each column tile of one vocabulary chunk, over the rows of one row
-    split: ``Gᵀu``, ``z₀ᵀ gu``, ``Σ z₀ ⊙ G`` and ``Σ G``, at ``[split, col, ...]``."""
+    split: ``Gᵀu``, ``z₀ᵀ gu``, ``Σ z₀ ⊙ G`` and ``Σ G``, at ``[split, col, ...]``
+    (``CENTERED``: ``z₀ᵀ gu`` with each row less ``mean[row]``)."""
     v_lo = tl.program_id(0) * v_chunk
     split = tl.program_id(1)
     n_lo = split * n_chunk
@@ -145,13 +149,18 @@ def grad_factors_kernel(
             y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl = row_terms(rows, row_ok, labels_ptr, group_ptr, stats_ptr, weights_ptr, inv_tau)  # fmt: skip
             t, x = transform_tile_and_x(x_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, rows, cols, N, V, stride_x, R, HAS_LOWRANK, HAS_SCALE, HAS_BIAS, BLOCK_R, DOT)  # fmt: skip
             grad = objective_grad(t, x, cols, ok, y, g, lse_tau, lse_t, lse_z, dot, w_cmi, w_ce, w_kl, logq_ptr, V, inv_tau, NEED_KL)  # fmt: skip
-            x0 = tl.where(ok & (x != float("-inf")), x, 0.0)
+            kept = ok & (x != float("-inf"))
+            x0 = tl.where(kept, x, 0.0)
             row_r = rows[:, None].to(tl.int64) * R + rr[None, :]
             rows_r_ok = row_ok[:, None] & r_ok[None, :]
             u = tl.load(u_ptr + row_r, mask=rows_r_ok, other=0.0)
             gu = tl.load(gu_ptr + row_r, mask=rows_r_ok, other=0.0)
             acc_b += tl.dot(tl.trans(grad), u, input_precision=DOT)
-            acc_a += tl.dot(tl.trans(x0), gu, input_precision=DOT)
+            if CENTERED:
+                mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+                acc_a += tl.dot(tl.trans(tl.where(kept, x - mean[:, None], 0.0)), gu, input_precision=DOT)  # fmt: skip
+            else:
+                acc_a += tl.dot(tl.trans(x0), gu, input_precision=DOT)
             if HAS_SCALE:
                 acc_s += tl.sum(x0 * grad, axis=0)
             if HAS_BIAS:
@@ -200,13 +209,15 @@ class FusedLowRankObjective(torch.autograd.Function):
         lam_kl,
         temperature,
         min_count,
+        centered,
     ):
-        u = project(z, a, check=True)  # the input check rides on the first read
+        # the input check rides on the first read
+        u, _, mean = project(z, a, check=True, centered=centered)
         ops = {"x": z, "u": u, "b": b.contiguous(), "scale": scale, "bias": bias}
         lams = (lam_cmi, lam_ce, lam_kl, temperature, min_count)
         loss, out_stats, saved = objective_forward(ops, z, labels, log_centroids, *lams)
         group_of_row, log_q, stats, weights, config = saved
-        ctx.save_for_backward(z, a, ops["b"], u, scale, bias, labels, group_of_row, log_q)
+        ctx.save_for_backward(z, a, ops["b"], u, scale, bias, labels, group_of_row, log_q, mean)
         ctx.saved_stats = (stats, weights)
         ctx.config = config
         ctx.mark_non_differentiable(out_stats)
@@ -214,7 +225,7 @@ class FusedLowRankObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        z, a, b, u, scale, bias, labels, group_of_row, log_q = ctx.saved_tensors
+        z, a, b, u, scale, bias, labels, group_of_row, log_q, mean = ctx.saved_tensors
         stats, weights = ctx.saved_stats
         temperature, need_kl, _, _, _ = ctx.config
         n, v = z.shape
@@ -240,18 +251,19 @@ class FusedLowRankObjective(torch.autograd.Function):
         gs = torch.zeros(shape, dtype=torch.float32, device=z.device)
         gbias = torch.zeros(shape, dtype=torch.float32, device=z.device)
         grad_factors_kernel[(v_splits, row_splits)](
-            *kernel_operands(ops), *common, gu, ga, gb, gs, gbias, n, v, v_chunk, n_chunk,
-            z.stride(0), 1.0 / temperature, *kernel_flags(ops), need_kl, *constexprs,
+            *kernel_operands(ops), *common, gu, ga, gb, gs, gbias,
+            mean if mean is not None else gs, n, v, v_chunk, n_chunk, z.stride(0),
+            1.0 / temperature, *kernel_flags(ops), need_kl, mean is not None, *constexprs,
             **cfg.options,
         )  # fmt: skip
         grad_a = ga.sum(0).to(a.dtype)
         grad_b = gb.sum(0).to(b.dtype)
         grad_scale = gs.sum(0) if scale is not None else None
         grad_bias = gbias.sum(0) if bias is not None else None
-        return None, grad_a, grad_b, grad_scale, grad_bias, *([None] * 7)
+        return None, grad_a, grad_b, grad_scale, grad_bias, *([None] * 8)
 
 
-def fusable(z: Tensor, params: dict[str, Tensor | None]) -> bool:
+def fusable(z: Tensor, params: dict[str, Tensor | bool | None]) -> bool:
     """Whether the fused step applies: a low-rank transform of rank ≤ 128 on
     logits that need no gradient (a frozen teacher's)."""
     a = params.get("a")
@@ -259,12 +271,17 @@ def fusable(z: Tensor, params: dict[str, Tensor | None]) -> bool:
 
 
 def fused_objective(
-    z: Tensor, params: dict[str, Tensor | None], labels: Tensor, log_q: Tensor | None, lams: tuple
+    z: Tensor,
+    params: dict[str, Tensor | bool | None],
+    labels: Tensor,
+    log_q: Tensor | None,
+    lams: tuple,
 ) -> tuple[Tensor, Tensor] | None:
     """The fused step (it checks the logits' values itself), or None where it
     does not apply (:func:`fusable`)."""
     if not fusable(z, params):
         return None
     return FusedLowRankObjective.apply(
-        z, params["a"], params["b"], params.get("scale"), params.get("bias"), labels, log_q, *lams
-    )
+        z, params["a"], params["b"], params.get("scale"), params.get("bias"), labels, log_q,
+        *lams, params.get("centered", False),
+    )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import triton
@@ -108,19 +109,30 @@ def purify_kernel(
         tl.store(f + 2, finite, mask=row_ok)
 
 
+class Projection(NamedTuple):
+    """:func:`project`'s result: ``u`` ``[N, R]`` (fp32); with ``argmax`` each
+    row's raw argmax ``[N]`` (int64); with ``centered`` each row's mean over
+    its unmasked entries ``[N]`` (fp32), which the backward reads."""
+
+    u: Tensor
+    argmax: Tensor | None = None
+    mean: Tensor | None = None
+
+
 def project(
-    z: Tensor, a: Tensor, check: bool = False, argmax: bool = False
-) -> Tensor | tuple[Tensor, Tensor]:
-    """``u = z A`` in fp32, ``-inf`` logits read as 0: ``[N, R]``, one launch
+    z: Tensor, a: Tensor, check: bool = False, argmax: bool = False, centered: bool = False
+) -> Projection:
+    """``u = z A`` in fp32, ``-inf`` logits read as 0 (``centered``: less the
+    mean term, :func:`cmiguard.kernels.reference.mean_term`), one launch
     (:func:`launch_project`). With ``check`` the same read checks the logits
-    (:func:`raise_on_bad_input`); with ``argmax`` it also returns each row's
-    raw argmax ``[N]`` (int64), the argmax guard's column."""
+    (:func:`raise_on_bad_input`); with ``argmax`` it also finds each row's raw
+    argmax, the argmax guard's column."""
     n, v = z.shape
     with tickets(z.device, ticket_count(n, v, a.shape[1], z.device)) as count:
-        u, j, counts = launch_project(z, a, count, check, argmax)
+        u, j, mean, counts = launch_project(z, a, count, check, argmax, centered)
     if check:
         raise_on_bad_input(counts)
-    return (u, j) if argmax else u
+    return Projection(u, j, mean)
 
 
 def project_grid(n: int, v: int, r: int, device) -> tuple[int, int, int]:
@@ -137,15 +149,16 @@ def ticket_count(n: int, v: int, r: int, device) -> int:
 
 
 def launch_project(
-    z: Tensor, a: Tensor, count: Tensor, check: bool, argmax: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(u, j, counts)`` with no host sync, so a CUDA graph can hold it:
+    z: Tensor, a: Tensor, count: Tensor, check: bool, argmax: bool, centered: bool = False
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(u, j, mean, counts)`` with no host sync, so a CUDA graph can hold it:
     :func:`project_kernel` (a split-K product whose last program per block
     sums the parts in split order, so the result does not depend on the order
     programs finish in), taking its tickets from ``count`` (zeroed, at least
     :func:`ticket_count` of them; the kernel leaves them zero). ``j``: each
-    row's raw argmax with ``argmax``; ``counts``: per row the NaN, ``+inf`` and
-    finite inputs ``[N, 3]`` with ``check``, for :func:`raise_on_bad_input`."""
+    row's raw argmax with ``argmax``; ``mean``: each row's unmasked mean with
+    ``centered`` (then ``u`` is centred); ``counts``: per row the NaN, ``+inf``
+    and finite inputs ``[N, 3]`` with ``check``, for :func:`raise_on_bad_input`."""
     n, v = z.shape
     r = a.shape[1]
     cfg = launch_config(n, v, r)
@@ -157,6 +170,9 @@ def launch_project(
     am_val = torch.empty(splits, n, dtype=torch.float32, device=z.device) if argmax else part
     am_idx = torch.empty(splits, n, dtype=torch.long, device=z.device) if argmax else part
     j = torch.empty(n, dtype=torch.long, device=z.device) if argmax else part
+    m_part = torch.empty_like(part) if centered else part
+    sums = torch.empty(splits, grid[2], n, 2, device=z.device) if centered else part
+    mean = torch.empty(n, dtype=torch.float32, device=z.device) if centered else part
     project_kernel[grid](
         z,
         a.contiguous(),  # fp32 or bf16 (factor_dtype): the kernel reads it in fp32
@@ -166,6 +182,9 @@ def launch_project(
         am_val,
         am_idx,
         j,
+        m_part,
+        sums,
+        mean,
         count,
         n,
         v,
@@ -175,10 +194,16 @@ def launch_project(
         r,
         check,
         argmax,
+        centered,
         *cfg.constexprs,
         **cfg.options,
     )
-    return u, j if argmax else None, flags.sum(0) if check else None
+    return (
+        u,
+        j if argmax else None,
+        mean if centered else None,
+        flags.sum(0) if check else None,
+    )
 
 
 _TICKETS: dict[tuple, Tensor] = {}
@@ -256,7 +281,7 @@ def row_lse_parts(
 
 
 def transform_operands(
-    z: Tensor, params: dict[str, Tensor | None], check: bool = False, argmax: bool = False
+    z: Tensor, params: dict[str, Tensor | bool | None], check: bool = False, argmax: bool = False
 ) -> dict[str, object]:
     """What the kernels take for a transform: ``x`` (z, or the dense product),
     ``u = z A`` and the per-column tensors, all contiguous fp32 except ``x``;
@@ -270,14 +295,14 @@ def transform_operands(
     else:
         ops = {"x": z, **column_operands(params)}
         if params.get("a") is not None:
-            projected = project(z, params["a"], check, argmax)
-            ops["u"], ops["argmax"] = projected if argmax else (projected, None)
+            centered = params.get("centered", False)
+            ops["u"], ops["argmax"], _ = project(z, params["a"], check, argmax, centered)
     if argmax and ops.get("argmax") is None:
         ops["argmax"] = z.argmax(-1).contiguous()
     return ops
 
 
-def column_operands(params: dict[str, Tensor | None]) -> dict[str, Tensor]:
+def column_operands(params: dict[str, Tensor | bool | None]) -> dict[str, Tensor]:
     """A low-rank family's per-column operands: ``b`` (fp32 or bf16, read in
     fp32), ``scale`` and ``bias`` (fp32), each contiguous, where present."""
     ops = {}
@@ -290,7 +315,7 @@ def column_operands(params: dict[str, Tensor | None]) -> dict[str, Tensor]:
 
 
 def takes_decode_path(
-    n_rows: int, params: dict[str, Tensor | None], logprobs: bool, guard: float | None
+    n_rows: int, params: dict[str, Tensor | bool | None], logprobs: bool, guard: float | None
 ) -> bool:
     """Decode batches of a low-rank transform whose output needs row statistics
     (log-probs or the guard): written once from a single recompute of ``T(z)``
@@ -368,7 +393,7 @@ def raise_on_bad_input(counts: Tensor, name: str = "logits") -> None:
 
 def purify_triton(
     z: Tensor,
-    params: dict[str, Tensor | None],
+    params: dict[str, Tensor | bool | None],
     temperature: float = 1.0,
     output: str = "logits",
     top_k: int | None = None,

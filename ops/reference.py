@@ -3,7 +3,10 @@
 Every function computes in fp32 whatever the input dtype and walks the rows in
 chunks, so that no ``[N, V]`` fp32 temporary is made beyond the output (the
 transformed chunk is at most ``CHUNK_BYTES``). ``-inf`` logits are masked
-entries: they enter the transform as 0 and leave it as ``-inf``.
+entries: they enter the transform as 0 and leave it as ``-inf``. A centred
+transform (``centered``) reads each row through its deviations from the mean
+of its unmasked entries, so that shifting those entries (logits → log-probs)
+moves ``T(z)`` by the same constant, masks and rounded factors included.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ def affine_logits(
     a: Tensor | None = None,
     b: Tensor | None = None,
     bias: Tensor | None = None,
+    centered: bool = False,
 ) -> Tensor:
     """``T(z)`` in fp32 for the three families.
 
     dense: ``z Wᵀ + bias``; lowrank: ``z + (z A) Bᵀ``; diag_lowrank:
     ``z ⊙ scale + (z A) Bᵀ + bias``. Masked (``-inf``) entries stay masked.
+    ``centered``: ``z A`` less :func:`mean_term` (the low-rank families).
     """
     z = z.float()
     masked = torch.isneginf(z)
@@ -48,7 +53,10 @@ def affine_logits(
     else:
         t = z * scale if scale is not None else z
         if a is not None:
-            t = torch.addmm(t, z @ a.float(), b.float().t())  # bf16 factors: rounded, in fp32
+            u = z @ a.float()  # bf16 factors: rounded, in fp32
+            if centered:
+                u = u - mean_term(z, masked if has_mask else None, a)
+            t = torch.addmm(t, u, b.float().t())
     if bias is not None:
         t = t + bias
     if has_mask:
@@ -71,20 +79,39 @@ def argmax_guard(t: Tensor, z: Tensor, margin: float, out: Tensor | None = None)
     return t.scatter(-1, j, lifted)
 
 
-def project_rows(z: Tensor, a: Tensor, has_mask: bool) -> Tensor:
-    """``u = z A`` in fp32 for all rows at once (``[N, r]`` is small); masked read as 0."""
-    if z.dtype == torch.float32 and not has_mask:
+def mean_term(z0: Tensor, masked: Tensor | None, a: Tensor) -> Tensor:
+    """``z̄ ⊗ (m A)``: what a centred transform takes off ``u = z₀ A`` (``z₀``:
+    the rows, masked entries as 0; ``m``: the unmasked indicator; ``z̄``: the
+    mean of a row's unmasked entries, 0 for an all-masked row). Then ``u`` is
+    ``Σ_unmasked (z − z̄) A``, which no shift of the unmasked entries moves,
+    whatever ``A``'s column sums (bf16 rounding leaves them off zero)."""
+    a = a.float()
+    if masked is None:
+        return z0.mean(1, keepdim=True) * a.sum(0)
+    kept = (~masked).float()
+    return z0.sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp_min(1) * (kept @ a)
+
+
+def project_rows(z: Tensor, a: Tensor, has_mask: bool, centered: bool = False) -> Tensor:
+    """``u = z A`` in fp32 for all rows at once (``[N, r]`` is small); masked
+    read as 0; ``centered``: less :func:`mean_term`."""
+    if z.dtype == torch.float32 and not has_mask and not centered:
         return z @ a.float()
     u = torch.empty(z.shape[0], a.shape[1], dtype=torch.float32, device=z.device)
     for rows in row_chunks(*z.shape):
         zc = z[rows].float()
-        u[rows] = zc.masked_fill(torch.isneginf(zc), 0.0) @ a.float()
+        masked = torch.isneginf(zc) if has_mask else None
+        if masked is not None:
+            zc = zc.masked_fill(masked, 0.0)
+        u[rows] = zc @ a.float()
+        if centered:
+            u[rows] -= mean_term(zc, masked, a)
     return u
 
 
 def _affine_into(
     zc: Tensor,
-    params: dict[str, Tensor | None],
+    params: dict[str, Tensor | bool | None],
     u: Tensor | None,
     has_mask: bool,
     out: Tensor | None,
@@ -113,7 +140,7 @@ def _affine_into(
 
 def purify_reference(
     z: Tensor,
-    params: dict[str, Tensor | None],
+    params: dict[str, Tensor | bool | None],
     temperature: float = 1.0,
     output: str = "logits",
     top_k: int | None = None,
@@ -131,10 +158,12 @@ def purify_reference(
     (``[N, r]``) and, for other dtypes, one fp32 chunk.
     """
     n, v = z.shape
-    params = {k: (p.detach() if p is not None else None) for k, p in params.items()}
+    params = {k: (p.detach() if isinstance(p, Tensor) else p) for k, p in params.items()}
     if has_mask is None:
         has_mask = bool(torch.isneginf(z).any())
-    u = project_rows(z, params["a"], has_mask) if params.get("a") is not None else None
+    u = None
+    if params.get("a") is not None:
+        u = project_rows(z, params["a"], has_mask, params.get("centered", False))
     direct = top_k is None and z.dtype == torch.float32
     if top_k is not None:
         values = torch.empty(n, top_k, dtype=z.dtype, device=z.device)

@@ -247,6 +247,9 @@ def project_kernel(
     am_val_ptr,
     am_idx_ptr,
     j_ptr,
+    mpart_ptr,
+    spart_ptr,
+    mean_ptr,
     count_ptr,
     N,
     V,
@@ -256,6 +259,7 @@ def project_kernel(
     R: tl.constexpr,
     CHECK: tl.constexpr,
     ARGMAX: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -270,12 +274,20 @@ def project_kernel(
     second launch combines them. With ``CHECK`` the first column block also
     counts NaN, ``+inf`` and finite inputs per (chunk, row) into ``flags``;
     with ``ARGMAX`` it finds each row's first largest raw logit ``j[row]``
-    (the argmax guard's column) on the same read."""
+    (the argmax guard's column) on the same read. With ``CENTERED`` it also
+    takes ``m A`` (``m``: the unmasked entries), the rows' sums and their
+    unmasked counts, into ``mpart[split, row, r]`` and ``spart[split, rank
+    block, row, 0..1]``, and the last program takes off the mean term
+    ``z̄ ⊗ (m A)`` (:func:`cmiguard.kernels.reference.mean_term`) and writes
+    ``z̄`` to ``mean[row]`` for the backward."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     split = tl.program_id(1)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kept_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first_block = tl.program_id(2) == 0
     check = CHECK and first_block
     nans = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -299,6 +311,7 @@ def project_kernel(
             better = top > best  # strict: the earlier column wins a tie, as in torch
             best_at = tl.where(better, at, best_at)
             best = tl.where(better, top, best)
+        kept = tl.where(ok & (z != float("-inf")), 1.0, 0.0)
         z = tl.where(z == float("-inf"), 0.0, z)
         a = tl.load(
             a_ptr + cols[:, None].to(tl.int64) * R + rr[None, :],
@@ -306,10 +319,18 @@ def project_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.dot(z, a, input_precision=DOT)
+        if CENTERED:
+            acc_m += tl.dot(kept, a, input_precision=DOT)
+            row_sum += tl.sum(z, axis=1)
+            kept_n += tl.sum(kept, axis=1)
     out_ok = row_ok[:, None] & (rr[None, :] < R)
-    tl.store(
-        part_ptr + (split * N + rows)[:, None].to(tl.int64) * R + rr[None, :], acc, mask=out_ok
-    )
+    at_r = (split * N + rows)[:, None].to(tl.int64) * R + rr[None, :]
+    tl.store(part_ptr + at_r, acc, mask=out_ok)
+    if CENTERED:
+        tl.store(mpart_ptr + at_r, acc_m, mask=out_ok)
+        sums = spart_ptr + ((split * tl.num_programs(2) + tl.program_id(2)) * N + rows).to(tl.int64) * 2  # fmt: skip
+        tl.store(sums, row_sum, mask=row_ok)
+        tl.store(sums + 1, kept_n, mask=row_ok)
     if check:
         f = flags_ptr + (split * N + rows).to(tl.int64) * 3
         tl.store(f, nans, mask=row_ok)
@@ -324,13 +345,22 @@ def project_kernel(
     ticket = count_ptr + tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
     if tl.atomic_add(ticket, 1) == splits - 1:
         u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        m_a = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        kept_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for sp in range(0, splits):
-            u += tl.load(
-                part_ptr + (sp * N + rows)[:, None].to(tl.int64) * R + rr[None, :],
-                mask=out_ok,
-                other=0.0,
-                volatile=True,
-            )
+            at_sp = (sp * N + rows)[:, None].to(tl.int64) * R + rr[None, :]
+            u += tl.load(part_ptr + at_sp, mask=out_ok, other=0.0, volatile=True)
+            if CENTERED:
+                m_a += tl.load(mpart_ptr + at_sp, mask=out_ok, other=0.0, volatile=True)
+                sums = spart_ptr + ((sp * tl.num_programs(2) + tl.program_id(2)) * N + rows).to(tl.int64) * 2  # fmt: skip
+                row_sum += tl.load(sums, mask=row_ok, other=0.0, volatile=True)
+                kept_n += tl.load(sums + 1, mask=row_ok, other=0.0, volatile=True)
+        if CENTERED:
+            mean = row_sum / tl.maximum(kept_n, 1.0)
+            u -= mean[:, None] * m_a
+            if first_block:
+                tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], u, mask=out_ok)
         if ARGMAX and first_block:
             best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)

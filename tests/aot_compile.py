@@ -86,6 +86,7 @@ def main():
                 "R": 256,
                 "CHECK": True,
                 "ARGMAX": True,
+                "CENTERED": True,
                 "BLOCK_N": 32,
                 "BLOCK_V": 128,
                 "BLOCK_R": 64,
@@ -113,7 +114,7 @@ def main():
     fused = {**flags, **tile, "NEED_KL": True}
     factors = {**ints, "x_ptr": "*bf16", "b_ptr": "*bf16"}
     done.append(compile_one(grad_u_kernel, fused, factors))
-    done.append(compile_one(grad_factors_kernel, fused, factors))
+    done.append(compile_one(grad_factors_kernel, {**fused, "CENTERED": True}, factors))
     print("compiled:", " ".join(done))
 
 

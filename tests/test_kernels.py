@@ -28,8 +28,12 @@ from tests.conftest import random_logits, trained_like
 DEVICE = "cuda" if os.environ.get("CMIGUARD_TEST_COMPILED") else "cpu"
 MAKERS = {
     "lowrank": lambda v: LowRankTransform(v, 5),
-    # A's columns centred in a differentiable step before the kernels read it
+    # rows read less their unmasked mean; A's columns centred before the kernels read it
     "lowrank_centered": lambda v: LowRankTransform(v, 4, bias=True, centered=True),
+    # ... and rounded to bf16, so that only the mean term keeps the map shift-invariant
+    "lowrank_centered_bf16": lambda v: LowRankTransform(
+        v, 4, centered=True, factor_dtype="bfloat16"
+    ),
     "diag_lowrank": lambda v: DiagLowRankTransform(v, 3),
     "dense": lambda v: DenseTransform(v),
 }
@@ -56,7 +60,8 @@ def awkward_logits(n, v, seed=0):
 
 def params_of(t):
     return {
-        k: (p.detach().to(DEVICE) if p is not None else None) for k, p in t.kernel_params().items()
+        k: (p.detach().to(DEVICE) if isinstance(p, torch.Tensor) else p)
+        for k, p in t.kernel_params().items()
     }
 
 
@@ -75,13 +80,23 @@ def close_to_truth(ours, twin, truth, magnitude, tol):
     assert bool((err_ours <= err_twin + slack).all()), float((err_ours - err_twin).max())
 
 
-def affine64(z0, p):
+def read_rows(z0, p, masked):
+    """The rows as the low-rank part reads them: masked entries 0 and, for a
+    centred map, each row less the mean of its unmasked entries."""
+    if not p.get("centered"):
+        return z0
+    kept = (~masked).to(z0.dtype)
+    mean = z0.sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp_min(1)
+    return (z0 - mean) * kept
+
+
+def affine64(z0, p, masked):
     """``T(z)`` in float64 from the definitions (masked entries already 0)."""
     if p.get("weight") is not None:
         t = z0 @ p["weight"].t()
     else:
         t = z0 * p["scale"] if p.get("scale") is not None else z0
-        t = t + (z0 @ p["a"]) @ p["b"].t()
+        t = t + (read_rows(z0, p, masked) @ p["a"]) @ p["b"].t()
     return t + p["bias"] if p.get("bias") is not None else t
 
 
@@ -91,12 +106,12 @@ def float64_truth(z, p, tau, output):
     z = z.double()
     masked = torch.isneginf(z)
     z0 = z.masked_fill(masked, 0.0)
-    p = {k: (x.double() if x is not None else None) for k, x in p.items()}
+    p = {k: (x.double() if isinstance(x, torch.Tensor) else x) for k, x in p.items()}
     if p.get("weight") is not None:
         terms = z0.abs() @ p["weight"].abs().t()
     else:
         terms = (z0.abs() @ p["a"].abs()) @ p["b"].abs().t()
-    t = affine64(z0, p).masked_fill(masked, float("-inf")) / tau
+    t = affine64(z0, p, masked).masked_fill(masked, float("-inf")) / tau
     magnitude = (z0.abs().amax(1, keepdim=True) + terms.amax(1, keepdim=True)).clamp_min(1.0)
     return (t.log_softmax(-1) if output == "logprobs" else t), magnitude
 
@@ -201,7 +216,11 @@ def float64_objective_grads(z, labels, transform, estimator, lams, tau, scale):
     t64 = copy.deepcopy(transform).double()
     z64 = z.detach().double().requires_grad_(True)
     masked = torch.isneginf(z64)
-    t = affine64(z64.masked_fill(masked, 0.0), t64.kernel_params())
+    # (bf16 factors: rounded as the kernels read them, then float64)
+    p64 = {
+        k: x.double() if isinstance(x, torch.Tensor) else x for k, x in t64.kernel_params().items()
+    }
+    t = affine64(z64.masked_fill(masked, 0.0), p64, masked)
     t = t.masked_fill(masked, float("-inf"))
     logp = torch.log_softmax(t / tau, -1)
     p = logp.exp()
@@ -336,7 +355,9 @@ def test_the_purify_kernels_check_the_input_as_they_write(force, output, path):
     torch.testing.assert_close(clean, twin, rtol=1e-5, atol=2e-4)  # a row holds ±1e4
 
 
-@pytest.mark.parametrize("family", ["lowrank", "lowrank_centered", "diag_lowrank"])
+@pytest.mark.parametrize(
+    "family", ["lowrank", "lowrank_centered", "lowrank_centered_bf16", "diag_lowrank"]
+)
 @pytest.mark.parametrize("estimator", ["exact", "streaming"])
 @pytest.mark.parametrize(("lams", "tau"), [((1.0, 1.0, 0.0), 1.0), ((0.7, 0.3, 0.5), 1.6)])
 def test_the_two_pass_backward_matches_float64(family, estimator, lams, tau, force):
@@ -359,11 +380,13 @@ def test_the_two_pass_backward_matches_float64(family, estimator, lams, tau, for
     ours, again, twin = grads("triton"), grads("triton"), grads("torch")
     truth = float64_objective_grads(z, labels, transform, estimator, lams, tau, 2.5)
     assert ours[0].item() == pytest.approx(truth[0], rel=1e-5, abs=1e-5)
-    # truth's last gradient is the logits', which the fused path does not compute
+    # truth's last gradient is the logits', which the fused path does not compute;
+    # bf16 factors take a bf16 gradient, which one ulp of rounding may flip
+    ulp = 2.0**-7 if family.endswith("bf16") else 0.0
     for mine, other, exact in zip(ours[1], twin[1], truth[1][:-1], strict=True):
         err_ours = (mine.double() - exact).abs()
         err_twin = (other.double() - exact).abs()
-        slack = 1e-5 * max(1.0, exact.abs().max().item())
+        slack = 1e-5 * max(1.0, exact.abs().max().item()) + ulp * exact.abs()
         assert bool((err_ours <= err_twin + slack).all()), float((err_ours - err_twin).max())
     for first, second in zip(ours[1], again[1], strict=True):
         assert torch.equal(first, second)  # fixed-order reductions: deterministic
@@ -407,7 +430,8 @@ def test_the_fused_step_checks_the_input_as_it_projects(force):
 def test_project_sums_its_split_k_parts_and_finds_the_first_argmax():
     """u = zA from one launch (the last program per block sums the parts), the
     raw argmax on the same read with torch's tie rule, and the tickets left at
-    zero for the next launch."""
+    zero for the next launch; centred, u less the mean term and the rows'
+    unmasked means, from the same launch."""
     from cmiguard.kernels import purify as purify_module
 
     v = 1000
@@ -415,13 +439,26 @@ def test_project_sums_its_split_k_parts_and_finds_the_first_argmax():
     z[1, 10] = z[1, 990] = z[1].max() + 1.0  # a tie across the first and last chunk
     z[2, :500] = float("-inf")  # the first chunk all masked: the argmax is in a later one
     a = torch.randn(v, 7, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    u, j = purify_module.project(z, a, argmax=True)
-    z0 = z.double().masked_fill(torch.isneginf(z), 0.0)
+    z[3, 1:] = float("-inf")  # one unmasked entry: its row reads as all zeros centred
+    z[4] = float("-inf")  # none: its mean is 0
+    u, j, mean = purify_module.project(z, a, argmax=True)
+    masked = torch.isneginf(z)
+    z0 = z.double().masked_fill(masked, 0.0)
     torch.testing.assert_close(u.double(), z0 @ a.double(), rtol=1e-5, atol=1e-3)
+    assert mean is None
     assert torch.equal(j, z.argmax(-1)) and int(j[1]) == 10
     assert all(int(t.count_nonzero()) == 0 for t in purify_module._TICKETS.values())
-    again, _ = purify_module.project(z, a, argmax=True)
+    again = purify_module.project(z, a, argmax=True).u
     assert torch.equal(again, u)  # a fixed order of summation: bit for bit
+    centred = purify_module.project(z, a, centered=True)
+    p64 = {"centered": True, "a": a.double()}
+    torch.testing.assert_close(
+        centred.u.double(), read_rows(z0, p64, masked) @ a.double(), rtol=1e-5, atol=1e-3
+    )
+    kept = (~masked).sum(1).clamp_min(1)
+    torch.testing.assert_close(centred.mean.double(), z0.sum(1) / kept, rtol=1e-5, atol=1e-5)
+    assert float(centred.u[3].abs().max()) <= 1e-3 * float(z[3, 0].abs()) and centred.mean[4] == 0
+    assert torch.equal(purify_module.project(z, a, centered=True).u, centred.u)
 
 
 def test_a_launch_that_raised_leaves_its_tickets_behind(monkeypatch):
@@ -429,14 +466,14 @@ def test_a_launch_that_raised_leaves_its_tickets_behind(monkeypatch):
     from cmiguard.kernels import purify as purify_module
 
     z, a = awkward_logits(3, 300), torch.randn(300, 4).to(DEVICE)
-    want = purify_module.project(z, a)
+    want = purify_module.project(z, a).u
     (key,) = [k for k in purify_module._TICKETS if k[0] == z.device]
     dirty = purify_module._TICKETS[key]
 
     class Failing:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                args[8][0] = 1  # one program counted, then the launch fails
+                args[11][0] = 1  # one program counted, then the launch fails
                 raise RuntimeError("launch failed")
 
             return launch
@@ -446,7 +483,7 @@ def test_a_launch_that_raised_leaves_its_tickets_behind(monkeypatch):
         with pytest.raises(RuntimeError, match="launch failed"):
             purify_module.project(z, a)
     assert key not in purify_module._TICKETS and int(dirty[0]) == 1
-    torch.testing.assert_close(purify_module.project(z, a), want, rtol=0, atol=0)
+    torch.testing.assert_close(purify_module.project(z, a).u, want, rtol=0, atol=0)
 
 
 def test_the_streaming_estimator_reads_operands_not_a_built_t(force, monkeypatch):

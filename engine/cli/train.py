@@ -87,8 +87,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--centered",
         action="store_true",
-        help="lowrank: centre A's columns, so the map is shift-invariant and purifies "
-        "stored log-probs as it does logits",
+        help="lowrank: read each row less the mean of its unmasked entries, so the map "
+        "is shift-invariant and purifies stored log-probs as it does logits",
     )
     p.add_argument(
         "--epochs", type=at_least_one, default=d.epochs, help="passes over the training rows"

@@ -56,7 +56,9 @@ def _triton_objective(logits, labels, transform, params, estimator, state, lams)
         if fused is not None:
             return fused
         x, b, scale, bias = logits, params.get("b"), params.get("scale"), params.get("bias")
-        u = ProjectFunction.apply(logits, params["a"]) if params.get("a") is not None else None
+        u = None
+        if params.get("a") is not None:
+            u = ProjectFunction.apply(logits, params["a"], params.get("centered", False))
     return TritonObjectiveFunction.apply(x, u, b, scale, bias, logits, labels, log_q, *lams)
 
 

@@ -126,7 +126,7 @@ class TrainConfig:
         if self.family == "dense" and (self.init != "lora" or self.init_scale):
             raise ValueError("init and init_scale choose the low-rank factors: not for dense")
         if self.centered:  # refused here, before any teacher row is computed
-            check_centered(self.family, self.factor_dtype)
+            check_centered(self.family)
 
 
 @dataclass
