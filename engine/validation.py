@@ -49,15 +49,17 @@ def check_logits(
 
 
 def are_log_probs(rows: Tensor) -> bool:
-    """Whether every row's logsumexp is 0 (to the rows' rounding): log-probs, not
-    logits (the teacher's logit rows have a logsumexp of 14 to 38 nats)."""
+    """Whether every row's logsumexp is at most 0 (to the rows' rounding):
+    log-probs, whole (0) or truncated to a stored top-k with the rest masked
+    (below 0), or edited by a masking processor; not logits (the teacher's
+    logit rows have a logsumexp of 14 to 38 nats)."""
     lse = torch.logsumexp(rows.detach().float(), dim=-1)
     tol = 1e-3 if rows.dtype == torch.float32 else 3e-2  # 16-bit rows round their sum
-    return bool(lse.numel()) and bool((lse.abs() <= tol).all())
+    return bool(lse.numel()) and bool((lse <= tol).all())
 
 
 def check_not_log_probs(rows: Tensor, fix: str) -> None:
-    """Refuse rows that are already log-probabilities (every row's logsumexp is 0).
+    """Refuse rows that are already log-probabilities (:func:`are_log_probs`).
 
     A transform maps a model's logits and is not shift-invariant
     (``T(z + c) ≠ T(z) + c``): on log-probs it applies another map than the one
@@ -65,11 +67,12 @@ def check_not_log_probs(rows: Tensor, fix: str) -> None:
     """
     if are_log_probs(rows):
         raise ValueError(
-            "every row's logsumexp is 0: these are log-probabilities, not logits. A "
-            "transform maps a model's logits and is not shift-invariant (T(z + c) is not "
-            "T(z) + c), so on log-probs it applies another map than the one trained and "
-            f"evaluated. Purify the model's logits, or {fix} to purify these anyway (a "
-            "centered transform, cmiguard train --centered, maps both alike)"
+            "every row's logsumexp is at most 0: these are log-probabilities (whole, or "
+            "truncated with the rest masked), not logits. A transform maps a model's logits "
+            "and is not shift-invariant (T(z + c) is not T(z) + c), so on log-probs it "
+            f"applies another map than the one trained and evaluated. Purify the model's "
+            f"logits, or {fix} to purify these anyway (a centered transform, cmiguard "
+            "train --centered, maps both alike)"
         )
 
 

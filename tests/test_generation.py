@@ -73,6 +73,37 @@ def test_processor_refuses_beam_search_log_probs_unless_the_transform_is_centred
         torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_processor_takes_log_probs_an_earlier_processor_masked_as_log_probs():
+    """Beam search masks tokens after its log_softmax (bad words here), so the
+    rows reach the processor summing to less than 1: still log-probs. An
+    uncentred transform is refused; a centred one (bf16 factors too) purifies
+    them as it purifies the logits with those tokens masked."""
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    beams = {"num_beams": 3, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    beams |= {"bad_words_ids": [[5], [7]], "return_dict_in_generate": True, "output_scores": True}
+    z = torch.randn(4, 128, generator=torch.Generator().manual_seed(6)) * 5
+    log_p = torch.log_softmax(z, -1)
+    log_p[:, [5, 7]] = float("-inf")
+    uncentred = PurifyLogitsProcessor(trained_like(LowRankTransform(128, 4), scale=0.3))
+    with pytest.raises(ValueError, match="handed log-probs"):
+        uncentred(ids, log_p)
+    with pytest.raises(ValueError, match="handed log-probs"):
+        tiny_model(128).generate(input_ids=ids, logits_processor=[uncentred], **beams)
+    t = LowRankTransform(128, 4, centered=True, factor_dtype="bfloat16", temperature=1.5)
+    centred = trained_like(t, scale=0.3)
+    masked = z.clone()
+    masked[:, [5, 7]] = float("-inf")
+    want = purify(masked, centred, output="logprobs")
+    got = PurifyLogitsProcessor(centred)(ids, log_p)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    out = tiny_model(128).generate(
+        input_ids=ids, logits_processor=[PurifyLogitsProcessor(centred)], **beams
+    )
+    for step in out.scores:  # each step's rows: the purified rest, renormalised
+        assert torch.isneginf(step[:, [5, 7]]).all()
+        torch.testing.assert_close(step.logsumexp(-1), torch.zeros(len(step)))
+
+
 def test_a_head_that_is_not_called_is_named_not_left_raw():
     """A model whose logits bypass its output-embeddings module would return raw
     logits from a hook that never fired: refused, as is a model without a head."""

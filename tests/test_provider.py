@@ -239,8 +239,16 @@ def test_purify_dataset_matches_purify(tmp_path):
     with pytest.raises(ValueError, match="rows 32-47: logits contain NaN"):
         purify_dataset(datasets.Dataset.from_dict({"logits": bad}), t, batch_size=16)
     log_p = datasets.Dataset.from_dict({"logits": torch.log_softmax(logits, -1).tolist()})
-    with pytest.raises(ValueError, match="rows 0-2: every row's logsumexp is 0.*allow_log_probs"):
+    with pytest.raises(
+        ValueError, match="rows 0-2: every row's logsumexp is at most 0.*allow_log_probs"
+    ):
         purify_dataset(log_p, t, batch_size=3, progress=False)
+    # an API's stored top 5, the rest masked: their logsumexp is below 0, still log-probs
+    top_5 = torch.log_softmax(logits, -1)
+    top_5[top_5 < top_5.topk(5).values[:, -1:]] = float("-inf")
+    stored = datasets.Dataset.from_dict({"logits": top_5.tolist()})
+    with pytest.raises(ValueError, match="rows 0-2: every row's logsumexp is at most 0"):
+        purify_dataset(stored, t, batch_size=3, progress=False)
     anyway = purify_dataset(log_p, t, batch_size=3, progress=False, allow_log_probs=True)
     want = purify(torch.log_softmax(logits, -1), t, output="logprobs")
     torch.testing.assert_close(torch.tensor(anyway["logits"]), want, rtol=1e-5, atol=1e-5)
@@ -274,7 +282,7 @@ def test_purify_dataset_streams_and_goes_split_by_split():
     assert isinstance(as_torch["logits"], torch.Tensor)  # its format kept
     log_p = {"logits": torch.log_softmax(logits, -1).tolist()}
     refused = purify_dataset(datasets.Dataset.from_dict(log_p).to_iterable_dataset(), t)
-    with pytest.raises(ValueError, match="rows 0-6: every row's logsumexp is 0"):
+    with pytest.raises(ValueError, match="rows 0-6: every row's logsumexp is at most 0"):
         list(refused)
 
     def unnamed():  # a stream that does not know its columns until read

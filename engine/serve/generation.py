@@ -48,14 +48,15 @@ class PurifyLogitsProcessor(LogitsProcessor):
             return purify_padded(scores, self.transform, self.temperature)
         if not self.transform.shift_invariant:
             raise ValueError(
-                "PurifyLogitsProcessor was handed log-probs (every row's logsumexp is 0), as "
-                "beam search hands processors; this transform is not shift-invariant, so it "
-                "would serve T(log p), another map than T(z). Use cmiguard.generate_purified, "
-                "which purifies the LM head's logits in every decoding mode, or a centered "
-                "transform (cmiguard train --centered)"
+                "PurifyLogitsProcessor was handed log-probs (every row's logsumexp is at "
+                "most 0), as beam search hands processors; this transform is not "
+                "shift-invariant, so it would serve T(log p), another map than T(z). Use "
+                "cmiguard.generate_purified, which purifies the LM head's logits in every "
+                "decoding mode, or a centered transform (cmiguard train --centered)"
             )
         # T(z − c) = T(z) − c: as log-probs, these are log_softmax(T(z)/τ), what the
-        # folded model's beam search adds up
+        # folded model's beam search adds up. Tokens an earlier processor masked are
+        # left out of the row the map reads: there it is the purified rest, renormalised
         return purify_padded(scores, self.transform, self.temperature, "logprobs")
 
 
