@@ -311,7 +311,8 @@ def project_kernel(
             better = top > best  # strict: the earlier column wins a tie, as in torch
             best_at = tl.where(better, at, best_at)
             best = tl.where(better, top, best)
-        kept = tl.where(ok & (z != float("-inf")), 1.0, 0.0)
+        if CENTERED:
+            kept = tl.where(ok & (z != float("-inf")), 1.0, 0.0)
         z = tl.where(z == float("-inf"), 0.0, z)
         a = tl.load(
             a_ptr + cols[:, None].to(tl.int64) * R + rr[None, :],

@@ -80,25 +80,28 @@ def main():
         compile_one(
             lse_kernel, {**flags, **tile, "NEED_T": False, "NEED_Z": False, "GUARD": True}, guard
         ),
-        compile_one(
-            project_kernel,
-            {
-                "R": 256,
-                "CHECK": True,
-                "ARGMAX": True,
-                "CENTERED": True,
-                "BLOCK_N": 32,
-                "BLOCK_V": 128,
-                "BLOCK_R": 64,
-                "DOT": "ieee",
-            },
-            {
-                "z_ptr": "*fp16",
-                "flags_ptr": "*i32",
-                "am_idx_ptr": "*i64",
-                "j_ptr": "*i64",
-                "count_ptr": "*i32",
-            },
+        *(
+            compile_one(
+                project_kernel,
+                {
+                    "R": 256,
+                    "CHECK": True,
+                    "ARGMAX": True,
+                    "CENTERED": centered,
+                    "BLOCK_N": 32,
+                    "BLOCK_V": 128,
+                    "BLOCK_R": 64,
+                    "DOT": "ieee",
+                },
+                {
+                    "z_ptr": "*fp16",
+                    "flags_ptr": "*i32",
+                    "am_idx_ptr": "*i64",
+                    "j_ptr": "*i64",
+                    "count_ptr": "*i32",
+                },
+            )
+            for centered in (False, True)
         ),
         compile_one(decode_write_kernel, {**flags, **tile, "GUARD": True}, {**half, **guard}),
     ]

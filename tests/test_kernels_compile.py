@@ -20,6 +20,7 @@ def test_kernels_compile_for_hopper():
     assert run.stdout.split().count("stats_kernel") == 2
     assert run.stdout.split().count("purify_kernel") == 3  # incl. the guarded variant
     assert run.stdout.split().count("lse_kernel") == 2
+    assert run.stdout.split().count("project_kernel") == 2  # plain and centred
     assert run.stdout.split().count("fixup_kernel") == 2  # log-probs and the guard's logits
     for name in (
         "grad_kernel",
