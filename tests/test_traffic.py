@@ -42,11 +42,13 @@ def measured(seen: list[str], torch_launches: int) -> Traffic:
     return Traffic(reads, writes, len(seen) + torch_launches)
 
 
+@pytest.mark.parametrize("centered", [False, True])  # the mean term rides on the project pass
 @pytest.mark.parametrize("guard", [None, 0.5])
 @pytest.mark.parametrize("output", ["logprobs", "logits"])
-def test_purify_launches_what_the_model_says(launches, monkeypatch, output, guard):
+def test_purify_launches_what_the_model_says(launches, monkeypatch, output, guard, centered):
     monkeypatch.setattr(purify_module, "DECODE_MAX_ROWS", 0)  # the general path
-    t = trained_like(LowRankTransform(1000, 8, guard_margin=guard), scale=0.01).to(DEVICE)
+    t = LowRankTransform(1000, 8, guard_margin=guard, centered=centered)
+    t = trained_like(t, scale=0.01).to(DEVICE)
     purify(awkward_logits(5, 1000), t, output=output)
     model = TRAFFIC[f"purify_{output}"]
     if guard is not None and output == "logits":
@@ -63,8 +65,9 @@ def test_decode_launches_what_the_model_says(launches, guard):
     assert launches == ["project_kernel", "decode_write_kernel", "fixup_kernel"]
 
 
-def test_a_training_step_launches_what_the_model_says(launches):
-    t = trained_like(LowRankTransform(1000, 8), scale=0.01).to(DEVICE)
+@pytest.mark.parametrize("centered", [False, True])
+def test_a_training_step_launches_what_the_model_says(launches, centered):
+    t = trained_like(LowRankTransform(1000, 8, centered=centered), scale=0.01).to(DEVICE)
     z = awkward_logits(9, 1000)
     labels = torch.tensor([int(z[0].argmax()), 1, 1, 2, 2, 3, 3, 4, 4], device=DEVICE)
     anti_distillation_loss(z, labels, t).backward()
