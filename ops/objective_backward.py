@@ -11,10 +11,11 @@ forward's row statistics). What the parameters need of it:
   summed in a fixed order.
 * ``∂L/∂B = Gᵀ u``, ``∂L/∂A = z₀ᵀ (G B)``, ``∂L/∂d = Σ z₀ ⊙ G``,
   ``∂L/∂b = Σ G`` (``z₀``: the logits as the projection reads them, masked
-  as 0, less each row's mean for a centred map): reductions over the rows. :func:`grad_factors_kernel`,
-  one program per (vocabulary chunk, row split), walks its column tiles and,
-  for each, every row block of its split, accumulating the four in
-  registers; the row splits' shares are summed in a fixed order.
+  as 0, less each row's mean for a centred map): reductions over the rows.
+  :func:`grad_factors_kernel`, one program per (vocabulary chunk, row
+  split), walks its column tiles and, for each, every row block of its
+  split, accumulating the four in registers; the row splits' shares are
+  summed in a fixed order.
 
 Both passes recompute ``T(z)`` from the same tiling as the forward, so the
 backward is deterministic and reads the logits twice: with the forward's

@@ -53,7 +53,8 @@ def affine_logits(
     else:
         t = z * scale if scale is not None else z
         if a is not None:
-            u = z @ a.float()  # bf16 factors: rounded, in fp32
+            a = a.float()  # bf16 factors: rounded, in fp32
+            u = z @ a
             if centered:
                 u = u - mean_term(z, masked if has_mask else None, a)
             t = torch.addmm(t, u, b.float().t())
@@ -95,15 +96,16 @@ def mean_term(z0: Tensor, masked: Tensor | None, a: Tensor) -> Tensor:
 def project_rows(z: Tensor, a: Tensor, has_mask: bool, centered: bool = False) -> Tensor:
     """``u = z A`` in fp32 for all rows at once (``[N, r]`` is small); masked
     read as 0; ``centered``: less :func:`mean_term`."""
+    a = a.float()  # once, not per chunk (bf16 factors)
     if z.dtype == torch.float32 and not has_mask and not centered:
-        return z @ a.float()
+        return z @ a
     u = torch.empty(z.shape[0], a.shape[1], dtype=torch.float32, device=z.device)
     for rows in row_chunks(*z.shape):
         zc = z[rows].float()
         masked = torch.isneginf(zc) if has_mask else None
         if masked is not None:
             zc = zc.masked_fill(masked, 0.0)
-        u[rows] = zc @ a.float()
+        u[rows] = zc @ a
         if centered:
             u[rows] -= mean_term(zc, masked, a)
     return u
