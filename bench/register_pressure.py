@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the kernels per tile, compiled for sm_90 without a GPU.
 
     python bench/register_pressure.py [--block-r 64] [--out bench/register_pressure.json]
+    python bench/register_pressure.py --centered --out bench/register_pressure_centered.json
 
 The ``BLOCK_N ≥ 2r`` tiling (issue 20) trades the factor tiles' traffic
 (``r / BLOCK_N`` of a B tile per z tile) against registers: a
@@ -13,7 +14,9 @@ does) and reads the registers per thread and the stack frame (spills) from
 the cubin with ``cuobjdump``, and the shared memory from Triton's metadata.
 The result depends on the Triton (and its ptxas) that compiles: the JSON
 records the version. It says nothing about speed: only
-``bench/tune_blocks.py`` on a GPU does.
+``bench/tune_blocks.py`` on a GPU does. ``--centered`` compiles the two
+kernels a centred transform changes (the projection's second product ``mA``
+and its row sums, the backward's rows less their mean) in place of all six.
 """
 
 from __future__ import annotations
@@ -91,6 +94,17 @@ KERNELS = [
 ]
 
 
+def kernels(centered: bool = False) -> list[tuple]:
+    """``KERNELS``, or with ``centered`` the entries that take ``CENTERED``, set."""
+    if not centered:
+        return KERNELS
+    return [
+        (f"{name}, centred", fn, {**consts, "CENTERED": True}, pointers)
+        for name, fn, consts, pointers in KERNELS
+        if "CENTERED" in consts
+    ]
+
+
 def resources(cubin: bytes) -> tuple[int, int]:
     """``(registers per thread, stack bytes)`` of the cubin's one function."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -119,10 +133,10 @@ def usage(
     return (*resources(compiled.asm["cubin"]), compiled.metadata.shared)
 
 
-def measure(block_r: int = RANK) -> list[dict]:
+def measure(block_r: int = RANK, centered: bool = False) -> list[dict]:
     """Every kernel at every tile, the rank-64 product taken ``block_r`` columns at a time."""
     rows = []
-    jobs = [(k, t) for k in KERNELS for t in TILES]
+    jobs = [(k, t) for k in kernels(centered) for t in TILES]
     for kernel, (bn, bv, warps) in tqdm(jobs, desc="compile sm_90"):
         regs, stack, shared = usage(kernel, bn, bv, warps, block_r)
         rows.append(
@@ -135,7 +149,7 @@ def measure(block_r: int = RANK) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """One line per tile: each kernel's registers per thread and stack frame, if any."""
-    names = [k[0] for k in KERNELS]
+    names = list(dict.fromkeys(r["kernel"] for r in rows))
     by_key = {(r["kernel"], r["block_n"], r["block_v"], r["num_warps"]): r for r in rows}
     lines = [
         "| BLOCK_N × BLOCK_V, warps | r / BLOCK_N | " + " | ".join(names) + " |",
@@ -156,12 +170,14 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-r", type=int, default=RANK, choices=[16, 32, 64])
+    parser.add_argument("--centered", action="store_true", help="the centred variants only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "register_pressure.json")
     args = parser.parse_args()
-    rows = measure(args.block_r)
+    rows = measure(args.block_r, args.centered)
     result = {
         "rank": RANK,
         "block_r": args.block_r,
+        "centered": args.centered,
         "target": "sm_90",
         "triton": triton.__version__,
         "rows": rows,
