@@ -10,7 +10,10 @@ log-probs) and a training step at rank 64, V = 49,152 and 151,936 and N from
 (``=torch``) and eager torch side by side, and prints per op and V the
 smallest N·V where the kernels win, next to the threshold in force. Decode
 batches are also timed with their CUDA graphs off (``kernels_nograph_s``,
-up to 64 rows), for ``GRAPH_MAX_ROWS``.
+up to 64 rows), for ``GRAPH_MAX_ROWS``, and purify is timed on the kernels
+with the same factors centred (``kernels_centred_s``): the projection then
+takes a second product, ``mA``, which compiled for sm_90 spills more
+(bench/RESULTS.md), at a speed no GPU has measured.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cmiguard  # noqa: E402
 from bench.problems import Case, implementations, make_inputs  # noqa: E402
 from bench.report import sweep_clock, time_or_none  # noqa: E402
 
@@ -54,6 +58,11 @@ def measure(case: Case, device: str) -> dict:
         os.environ["CMIGUARD_CUDA_GRAPHS"] = "0"
         row["kernels_nograph_s"] = timer(impls["ours"])
         del os.environ["CMIGUARD_CUDA_GRAPHS"]
+    if case.op == "purify":
+        os.environ["CMIGUARD_BACKEND"] = "triton"
+        centred = cmiguard.LowRankTransform(case.v, case.rank, centered=True).to(device)
+        centred.load_state_dict(t.state_dict())
+        row["kernels_centred_s"] = timer(lambda: cmiguard.purify(z, centred, output="logprobs"))
     row["eager_s"] = timer(impls["eager"])
     return row
 
@@ -94,14 +103,18 @@ def main() -> None:
         args.out.write_text(json.dumps({"rows": rows}, indent=1))
     found = crossovers(rows)
     args.out.write_text(json.dumps({"rows": rows, "crossovers": found}, indent=1))
-    print("| op | N | V | kernels ms | twin ms | eager ms | twin/kernels | kernels, no graph ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    head = "| op | N | V | kernels ms | twin ms | eager ms | twin/kernels | kernels, no graph ms |"
+    print(head + " kernels, centred ms |")
+    print("|---" * 9 + "|")
     for r in rows:
         ms = [r[f"{k}_s"] * 1e3 if r[f"{k}_s"] else None for k in ("kernels", "twin", "eager")]
         cells = [r["op"], str(r["n"]), str(r["v"]), *(f"{m:.3f}" if m else "failed" for m in ms)]
         ratio = f"{ms[1] / ms[0]:.2f}x" if ms[0] and ms[1] else "—"
-        nograph = f"{r['kernels_nograph_s'] * 1e3:.3f}" if r.get("kernels_nograph_s") else "—"
-        print("| " + " | ".join(cells) + f" | {ratio} | {nograph} |")
+        extra = [
+            f"{r[k] * 1e3:.3f}" if r.get(k) else "—"
+            for k in ("kernels_nograph_s", "kernels_centred_s")
+        ]
+        print("| " + " | ".join([*cells, ratio, *extra]) + " |")
     print(f"\nthreshold in force: TWIN_MAX_LOGITS = {TWIN_MAX_LOGITS:,} logits")
     for c in found:
         where = f"N >= {c['n']} ({c['logits']:,} logits)" if c["n"] else "nowhere measured"

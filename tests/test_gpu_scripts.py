@@ -33,7 +33,7 @@ def test_the_crossover_sweep_runs_every_backend(tmp_path):
     assert len(result["rows"]) == 4 and len(result["crossovers"]) == 2
     for row in result["rows"]:
         assert all(row[f"{k}_s"] > 0 for k in ("kernels", "twin", "eager")), row
-        assert row["op"] == "train" or row["kernels_nograph_s"] > 0
+        assert row["op"] == "train" or row["kernels_nograph_s"] > 0 < row["kernels_centred_s"]
 
 
 def test_the_launch_sweep_runs_every_configuration(tmp_path):
