@@ -5,7 +5,8 @@
 # bench/gpu-logs) six files: gpu.log (the device, then each step's output),
 # crossover.json, tune_blocks.json and results_gpu.{md,json,png}; the device
 # tool brings back at most eight. Installs the package (--no-deps: the GPU
-# image has torch, triton and the rest, and no network) if it is not importable.
+# image has torch, triton and transformers, and no network) if it is not importable;
+# it lacks the serve extra (pydantic, fastapi), which these steps do not import.
 set -u -o pipefail
 OUT=${OUT:-bench/gpu-logs}
 mkdir -p "$OUT"
@@ -21,10 +22,20 @@ started=$(mktemp)  # the committed results_gpu.* are older: only this run's come
     || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
     || echo "could not install cmiguard: the steps below will fail to import it"
   step "compiled kernel tests"
-  CMIGUARD_TEST_COMPILED=1 CMIGUARD_BACKEND=triton timeout "${TEST_S:-150}" \
-    "$PY" -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py \
-    tests/test_kernels_compile.py tests/test_decode_graph.py \
-    "tests/test_cli.py::test_purify_runs_on_the_device_asked_for" \
+  # compiling is most of their time (44 tests took 74 s on 2026-11-25; 160 now):
+  # pytest-xdist (in the GPU image) compiles on several cores; SIGINT, not
+  # SIGTERM, at the limit, so pytest still prints what passed and failed
+  workers=()
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+  compiled() {
+    CMIGUARD_TEST_COMPILED=1 CMIGUARD_BACKEND=triton timeout -s INT -k 20 "$1" \
+      "$PY" -m pytest -q -p no:cacheprovider "${@:2}"
+  }
+  compiled "${TEST_S:-150}" ${workers[@]+"${workers[@]}"} --durations=5 \
+    tests/test_kernels.py tests/test_kernels_compile.py tests/test_decode_graph.py
+  step "device tests of the CLI and the trainer"
+  # apart: a package the image lacks stops only these two
+  compiled "${DEVICE_TEST_S:-40}" "tests/test_cli.py::test_purify_runs_on_the_device_asked_for" \
     "tests/test_trainer.py::test_training_runs_on_the_teachers_device"
   step "benchmark report"
   timeout "${REPORT_S:-170}" "$PY" bench/report.py
