@@ -398,7 +398,7 @@ def test_an_empty_api_key_is_refused_not_read_as_none(monkeypatch, capsys):
         assert main([*serve, *argv]) == 2
         err = capsys.readouterr().err
         assert f"{source} is empty or holds whitespace" in err and "no-model" not in err
-    # imported here: the rest of this file runs without the serve extra
+    # imported here, not at the top: collecting this file needs no serve extra
     # (bench/gpu.sh runs one of its tests on a GPU image that lacks pydantic)
     from cmiguard.serve.engine import ServerConfig
 
