@@ -2,9 +2,11 @@
 (15 minutes, rarely) is not spent on a wiring fault: bench/crossover.py's
 reading of its timings, which sets the routing threshold (the kernels must
 win from an N on, and a backend that failed, timed as None, wins nothing),
-and both sweeps end to end on a tiny shape under the interpreter."""
+both sweeps end to end on a tiny shape under the interpreter, and the tests
+it runs collect on what the GPU image holds."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,9 @@ from bench.report import time_or_none
 from bench.tune_blocks import CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
+# cmiguard's extras that the GPU image lacks (its package list in the device
+# tool's KINDS.md, read 2026-11-17)
+NOT_ON_THE_GPU_IMAGE = ("pydantic", "fastapi", "uvicorn", "starlette", "openai", "datasets", "gguf")
 
 
 def smoke(script: str, out: Path) -> dict:
@@ -72,3 +77,21 @@ def test_the_crossover_is_where_the_kernels_win_for_good():
         {"op": "train", "v": 10, "n": 2, "logits": 20},
         {"op": "logits", "v": 10, "n": None, "logits": None},
     ]
+
+
+def test_the_tests_gpu_sh_runs_collect_without_what_the_gpu_image_lacks():
+    """One module that fails to import stops a pytest run before any test: a
+    server import at the top of tests/test_cli.py would have cost a lease its
+    compiled kernel tests."""
+    selected = re.findall(r"tests/[\w/.:]+", (ROOT / "bench" / "gpu.sh").read_text())
+    assert len(selected) == 5, selected
+    code = (
+        "import sys, pytest\n"
+        f"for m in {NOT_ON_THE_GPU_IMAGE!r}: sys.modules[m] = None  # import raises\n"
+        "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', *sys.argv[1:]]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, *selected], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert re.search(r"\b\d{3} tests collected", run.stdout), run.stdout[-500:]
