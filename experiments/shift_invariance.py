@@ -70,8 +70,7 @@ def a_centred_only(transform: LowRankTransform) -> LowRankTransform:
     as they are (no mean term), so only unmasked rows shift through it."""
     earlier = copy.deepcopy(transform)
     earlier.centered = False
-    with torch.no_grad():
-        earlier.a.copy_(transform.factors()[0])
+    earlier.a.copy_(transform.factors()[0])
     return earlier
 
 

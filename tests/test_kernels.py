@@ -100,13 +100,18 @@ def affine64(z0, p, masked):
     return t + p["bias"] if p.get("bias") is not None else t
 
 
+def float64_params(p):
+    """Kernel params in float64, flags (``centered``) as they are."""
+    return {k: (x.double() if isinstance(x, torch.Tensor) else x) for k, x in p.items()}
+
+
 def float64_truth(z, p, tau, output):
     """The transform and softmax in float64 from the definitions, and the
     per-row magnitude fp32 rounding scales with (see :func:`close_to_truth`)."""
     z = z.double()
     masked = torch.isneginf(z)
     z0 = z.masked_fill(masked, 0.0)
-    p = {k: (x.double() if isinstance(x, torch.Tensor) else x) for k, x in p.items()}
+    p = float64_params(p)
     if p.get("weight") is not None:
         terms = z0.abs() @ p["weight"].abs().t()
     else:
@@ -217,10 +222,7 @@ def float64_objective_grads(z, labels, transform, estimator, lams, tau, scale):
     z64 = z.detach().double().requires_grad_(True)
     masked = torch.isneginf(z64)
     # (bf16 factors: rounded as the kernels read them, then float64)
-    p64 = {
-        k: x.double() if isinstance(x, torch.Tensor) else x for k, x in t64.kernel_params().items()
-    }
-    t = affine64(z64.masked_fill(masked, 0.0), p64, masked)
+    t = affine64(z64.masked_fill(masked, 0.0), float64_params(t64.kernel_params()), masked)
     t = t.masked_fill(masked, float("-inf"))
     logp = torch.log_softmax(t / tau, -1)
     p = logp.exp()
