@@ -161,7 +161,7 @@ def main() -> int:
                 out_dir=run, resume=True, rows=rows,
             )  # fmt: skip
             results["transforms"][name] = measure(trained.transform, held.logits, held.labels)
-            if options == {"centered": True}:
+            if variant == "centred":
                 earlier = a_centred_only(trained.transform)
                 results["transforms"][f"{name}, A only (the earlier centring)"] = measure(
                     earlier, held.logits, held.labels
