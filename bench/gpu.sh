@@ -5,9 +5,9 @@
 # bench/gpu-logs) six files: gpu.log (the device, then each step's output),
 # crossover.json, tune_blocks.json and results_gpu.{md,json,png}; the device
 # tool brings back at most eight. Installs the package (--no-deps: the GPU
-# image has torch, triton and transformers, and no network) if it is not importable,
-# or links it where pip cannot;
-# it lacks the serve extra (pydantic, fastapi), which these steps do not import.
+# image has torch, triton and transformers, and no network) if it is not
+# importable, or links it where pip cannot; the image lacks the serve extra
+# (pydantic, fastapi), which these steps do not import.
 set -u -o pipefail
 OUT=${OUT:-bench/gpu-logs}
 mkdir -p "$OUT"
