@@ -53,13 +53,12 @@ def measure(case: Case, device: str) -> dict:
     for name, backend in (("kernels", "triton"), ("twin", "torch")):
         os.environ["CMIGUARD_BACKEND"] = backend
         row[f"{name}_s"] = timer(impls["ours"])
-    if case.op == "purify" and case.n <= DECODE_ROWS:
-        os.environ["CMIGUARD_BACKEND"] = "triton"
-        os.environ["CMIGUARD_CUDA_GRAPHS"] = "0"
-        row["kernels_nograph_s"] = timer(impls["ours"])
-        del os.environ["CMIGUARD_CUDA_GRAPHS"]
     if case.op == "purify":
         os.environ["CMIGUARD_BACKEND"] = "triton"
+        if case.n <= DECODE_ROWS:
+            os.environ["CMIGUARD_CUDA_GRAPHS"] = "0"
+            row["kernels_nograph_s"] = timer(impls["ours"])
+            del os.environ["CMIGUARD_CUDA_GRAPHS"]
         centred = cmiguard.LowRankTransform(case.v, case.rank, centered=True).to(device)
         centred.load_state_dict(t.state_dict())
         row["kernels_centred_s"] = timer(implementations(case, z, labels, centred)["ours"])
